@@ -1,0 +1,102 @@
+"""`zai-proxy serve`: the ext_proc gRPC server, its gRPC health service and the admin HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from .admin import build_admin_app
+from .config import Settings
+from .keys import KeyUnavailable, UpstreamKey, WorkerKeys
+from .metrics import Metrics
+from .servicer import ExternalProcessor
+from .session import Gateway
+
+log = logging.getLogger(__name__)
+
+EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+# Headroom above the body limit for the rest of the ProcessingRequest.
+GRPC_MESSAGE_OVERHEAD = 1 << 20
+
+
+class Service:
+    """The wired-up ext_proc: gateway state, metrics, and readiness."""
+
+    def __init__(self, settings: Settings) -> None:
+        settings.require_upstream_key()
+        self.settings = settings
+        self.upstream_key = UpstreamKey(settings.api_key, settings.api_key_file)
+        self.metrics = Metrics(settings.deployment_variant)
+        self.gateway = Gateway(self.upstream_key, WorkerKeys(settings.worker_keys_file),
+                               self.metrics)
+        self.serving = False
+
+    def secrets(self) -> list[str]:
+        """Values the log formatter must never print."""
+        try:
+            return [self.upstream_key.current()]
+        except KeyUnavailable:
+            return []
+
+    def readiness(self) -> str | None:
+        if not self.serving:
+            return "starting or stopping"
+        try:
+            self.upstream_key.current()
+        except KeyUnavailable as exc:
+            return f"upstream key unavailable: {exc}"
+        return None
+
+    def on_stream(self, delta: int) -> None:
+        self.metrics.in_progress.inc(delta)
+
+
+async def serve(service: Service, stop: asyncio.Event | None = None) -> None:
+    settings = service.settings
+    limit = settings.max_request_body_bytes + GRPC_MESSAGE_OVERHEAD
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+    ])
+    pb_grpc.add_ExternalProcessorServicer_to_server(
+        ExternalProcessor(service.gateway, service.on_stream), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    grpc_address = f"{settings.extproc_bind_address}:{settings.extproc_grpc_port}"
+    server.add_insecure_port(grpc_address)
+    await server.start()
+
+    runner = web.AppRunner(build_admin_app(service.readiness, service.metrics.exposition))
+    await runner.setup()
+    site = web.TCPSite(runner, settings.extproc_bind_address, settings.extproc_admin_port)
+    await site.start()
+
+    service.serving = True
+    for name in ("", EXTPROC_SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("ext_proc serving", extra={
+        "grpc": grpc_address, "admin_port": settings.extproc_admin_port,
+        "deployment_variant": settings.deployment_variant,
+        "worker_keys": "enforced" if service.gateway.worker_keys.enforced else "any token"})
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    await stop.wait()
+
+    log.info("ext_proc stopping")
+    service.serving = False
+    for name in ("", EXTPROC_SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(grace=5)
+    await runner.cleanup()

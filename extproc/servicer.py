@@ -1,0 +1,96 @@
+"""The gRPC edge: Envoy's ExternalProcessor stream <-> one RequestSession per HTTP request.
+
+Everything here is translation; decisions live in `session.py`. Responses that carry no change
+are prebuilt once, because the response-body phase runs for every streamed chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator, Callable
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+
+from .session import Gateway, HeaderChanges, ImmediateReply, RequestSession
+
+log = logging.getLogger(__name__)
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+# Unchanged-continue answers, shared by every stream (protobuf messages serialize concurrently).
+_REQUEST_BODY_OK = pb.ProcessingResponse(request_body=pb.BodyResponse())
+_RESPONSE_HEADERS_OK = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+_RESPONSE_BODY_OK = pb.ProcessingResponse(response_body=pb.BodyResponse())
+
+
+def header_map(headers: pb.HttpHeaders) -> dict[str, str]:
+    """Envoy sends `raw_value` (bytes); older configurations send `value`."""
+    out: dict[str, str] = {}
+    for h in headers.headers.headers:
+        out[h.key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
+    return out
+
+
+def mutation(changes: HeaderChanges) -> pb.HeaderMutation:
+    return pb.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=name, raw_value=value.encode("latin-1")),
+                append_action=_OVERWRITE)
+            for name, value in changes.set],
+        remove_headers=list(changes.remove))
+
+
+def immediate(reply: ImmediateReply) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=reply.status),
+        headers=mutation(HeaderChanges(set=reply.headers)),
+        body=reply.body,
+        details=reply.details))
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, gateway: Gateway, on_stream: Callable[[int], None] = lambda delta: None):
+        self.gateway = gateway
+        self._on_stream = on_stream
+
+    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
+        session = RequestSession(self.gateway)
+        self._on_stream(1)
+        try:
+            async for request in request_iterator:
+                phase = request.WhichOneof("request")
+                if phase == "response_body":
+                    body = request.response_body
+                    session.on_response_body(body.body, body.end_of_stream)
+                    yield _RESPONSE_BODY_OK
+                elif phase == "request_headers":
+                    yield self._request_headers(session, request.request_headers)
+                elif phase == "request_body":
+                    body = request.request_body
+                    session.on_request_body(body.body, body.end_of_stream)
+                    yield _REQUEST_BODY_OK
+                elif phase == "response_headers":
+                    headers = request.response_headers
+                    session.on_response_headers(header_map(headers), headers.end_of_stream)
+                    yield _RESPONSE_HEADERS_OK
+                else:
+                    # Trailers are not requested; answer anything else without change.
+                    log.debug("unexpected ext_proc phase", extra={"phase": phase})
+        finally:
+            # Envoy closes the stream when the request ends, the client leaves or Envoy resets it.
+            session.finish()
+            self._on_stream(-1)
+
+    @staticmethod
+    def _request_headers(session: RequestSession, headers: pb.HttpHeaders) -> pb.ProcessingResponse:
+        result = session.on_request_headers(header_map(headers))
+        if isinstance(result, ImmediateReply):
+            return immediate(result)
+        return pb.ProcessingResponse(request_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(header_mutation=mutation(result))))
