@@ -1,0 +1,113 @@
+"""Run the real local stack (emulator + ext_proc + Envoy) from synchronous tests.
+
+The stack runs on its own event loop in a background thread, started by the same `LocalStack`
+code `zai-proxy up` uses. Every line any process prints is kept in `logs` so tests can search
+them (for leaked secrets, access-log fields, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import httpx2 as httpx
+
+from extproc.stack import LocalStack
+
+# Settings a developer's shell might carry that would change what the tests run against.
+_SCRUB = ("ZAI_API_KEY", "ZAI_API_KEY_FILE", "ZAI_TARGET_URL", "ZAI_OPENAI_URL", "WORKER_KEYS_FILE",
+          "DEPLOYMENT_VARIANT", "LISTEN_PORT", "LISTEN_ADDRESS", "HTTP_PROXY", "HTTPS_PROXY",
+          "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stack_env(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    env |= {
+        "LISTEN_PORT": str(free_port()), "ENVOY_ADMIN_PORT": str(free_port()),
+        "EXTPROC_GRPC_PORT": str(free_port()), "EXTPROC_ADMIN_PORT": str(free_port()),
+        "LOG_LEVEL": "INFO", "NO_PROXY": "*",
+    }
+    env |= overrides
+    return env
+
+
+class StackHandle:
+    def __init__(self, run_dir: Path, env: dict[str, str], emulator_args: Sequence[str] = ()):
+        self.logs: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.stack = LocalStack(env, run_dir, self._sink, emulator_args, envoy_log_level="info")
+        self.run_dir = run_dir
+
+    def _sink(self, name: str, line: str) -> None:
+        with self._lock:
+            self.logs.append((name, line))
+
+    def run(self, coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> "StackHandle":
+        try:
+            self.run(self.stack.start())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        try:
+            self.run(self.stack.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+
+    def stop_extproc(self) -> None:
+        self.run(self.stack.stop_extproc())
+
+    def start_extproc(self) -> None:
+        self.run(self.stack.start_extproc())
+
+    def log_text(self) -> str:
+        with self._lock:
+            return "\n".join(f"[{n}] {line}" for n, line in self.logs)
+
+    @property
+    def url(self) -> str:
+        return self.stack.listener_url
+
+    @property
+    def upstream_key(self) -> str:
+        assert self.stack.emulator is not None
+        return self.stack.emulator.key
+
+    # -- the emulator's control endpoints (direct, not through Envoy) -------------------------
+
+    def emulator_client(self) -> httpx.Client:
+        assert self.stack.emulator is not None
+        ctx = ssl.create_default_context(cafile=str(self.run_dir / "emulator-ca.pem"))
+        return httpx.Client(base_url=self.stack.emulator.url, verify=ctx, timeout=10, trust_env=False)
+
+    def emulator(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        with self.emulator_client() as client:
+            resp = client.request(method, path, **kwargs)
+            resp.raise_for_status()
+            return resp
+
+    def upstream_requests(self) -> list[dict[str, Any]]:
+        return self.emulator("GET", "/_emulator/requests").json()["requests"]
+
+    def metrics_text(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=10, trust_env=False).text

@@ -1,0 +1,76 @@
+"""The rendered bootstrap is valid for Envoy 1.40 and keeps long streams and large bodies alive."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+
+from extproc.config import Settings
+from extproc.envoy_config import render, write
+from extproc.processes import envoy_binary
+
+
+def settings(**env: str) -> Settings:
+    return Settings.from_env({"ZAI_API_KEY": "k" * 16, **env})
+
+
+def routes(bootstrap):
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm, {r["name"]: r for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}
+
+
+@pytest.mark.parametrize("env", [
+    {},
+    {"ZAI_TARGET_URL": "http://127.0.0.1:9/api/anthropic", "ZAI_OPENAI_URL": "https://127.0.0.1:9/v4"},
+    {"ZAI_OPENAI_URL": "https://api.z.ai/api/paas/v4", "EXTPROC_HOST": "extproc"},
+])
+def test_envoy_accepts_rendered_config(tmp_path, env):
+    path = write(settings(**env), tmp_path / "envoy.yaml")
+    result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_real_zai_uses_tls_with_sni_and_certificate_check():
+    clusters = {c["name"]: c for c in render(settings())["static_resources"]["clusters"]}
+    tls = clusters["zai_anthropic"]["transport_socket"]["typed_config"]
+    assert tls["sni"] == "api.z.ai"
+    validation = tls["common_tls_context"]["validation_context"]
+    assert validation["match_typed_subject_alt_names"][0]["matcher"]["exact"] == "api.z.ai"
+    assert validation["trusted_ca"]["filename"] == "/etc/ssl/certs/ca-certificates.crt"
+
+
+def test_plain_http_upstream_has_no_tls():
+    clusters = {c["name"]: c for c in render(settings(
+        ZAI_TARGET_URL="http://10.1.2.3:8000/x"))["static_resources"]["clusters"]}
+    assert "transport_socket" not in clusters["zai_anthropic"]
+
+
+def test_no_timeout_cuts_a_ten_minute_stream_and_big_bodies_fit():
+    hcm, by_name = routes(render(settings()))
+    assert hcm["request_timeout"] == "0s"
+    assert float(hcm["stream_idle_timeout"].rstrip("s")) >= 600
+    for name in ("anthropic_prefixed", "anthropic", "openai"):
+        route = by_name[name]
+        assert route["route"]["timeout"] == "0s"
+        assert float(route["route"]["idle_timeout"].rstrip("s")) >= 600
+        assert route["request_body_buffer_limit"] >= 10 * 1024 * 1024 + 1
+
+
+def test_rewrites_keep_upstream_base_paths():
+    _, by_name = routes(render(settings(ZAI_OPENAI_URL="https://api.z.ai/api/paas/v4")))
+    assert by_name["anthropic"]["route"]["prefix_rewrite"] == "/api/anthropic/v1/messages"
+    assert by_name["openai"]["route"]["prefix_rewrite"] == "/api/paas/v4/chat/completions"
+
+
+def test_every_local_reply_case_has_both_formats():
+    hcm, _ = routes(render(settings()))
+    mappers = hcm["local_reply_config"]["mappers"]
+    bodies = [m["body_format_override"]["json_format"] for m in mappers[1:]]
+    openai_bodies = [b for b in bodies if "type" not in b]
+    anthropic_bodies = [b for b in bodies if b.get("type") == "error"]
+    assert len(openai_bodies) == len(anthropic_bodies) == len(bodies) // 2
+    assert all(b["error"]["message"].startswith("zai-proxy:") for b in bodies)
+    assert "$" not in yaml.safe_dump(mappers)
