@@ -35,6 +35,8 @@ class ImmediateReply:
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
+    # Envoy's response code details; the `zai_proxy` prefix tells the local-reply mappers in
+    # envoy/envoy.yaml to leave this body alone.
     details: str = "zai_proxy"
 
 
@@ -144,6 +146,6 @@ class RequestSession:
 
     def _reply(self, status: int, kind: str, message: str) -> ImmediateReply:
         self.status = status
-        reply = ImmediateReply(status, error_body(self.api, kind, message))
+        reply = ImmediateReply(status, error_body(self.api, kind, message), details=f"zai_proxy_{kind}")
         self.finish(completed=True)
         return reply

@@ -33,7 +33,7 @@ def anthropic_client(url: str, token: str = CLIENT_TOKEN, **kw) -> anthropic.Ant
 def event_view(event) -> dict:
     """An SDK event without the per-response random ids."""
     data = event.model_dump()
-    if data.get("type") == "message_start":
+    if isinstance(data.get("message"), dict):
         data["message"].pop("id", None)
     return data
 
@@ -204,7 +204,7 @@ def test_worker_keys_enforced(tmp_path):
             anthropic_client(handle.url, token="wk-mallory").messages.create(
                 model="glm-4.7", max_tokens=8, messages=[{"role": "user", "content": "x"}])
         assert err.value.status_code == 401
-        assert err.value.body["type"] == "authentication_error"
+        assert err.value.body["error"]["type"] == "authentication_error"
         assert handle.upstream_requests() == []
         reply = anthropic_client(handle.url, token="wk-alice-0001").messages.create(
             model="glm-4.7", max_tokens=8, messages=[{"role": "user", "content": "x"}])
