@@ -38,10 +38,7 @@ class LocalStack:
         self.emulator: Emulator | None = None
         self.env: dict[str, str] = {}
         self.settings = Settings.from_env(self.base_env)  # validates before anything starts
-
-    @property
-    def uses_emulator(self) -> bool:
-        return not self.settings.has_upstream_key
+        self.uses_emulator = not self.settings.has_upstream_key
 
     @property
     def listener_url(self) -> str:

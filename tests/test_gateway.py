@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import ssl
 import time
 
@@ -244,4 +245,21 @@ def test_key_file_change_takes_effect_without_restart(tmp_path):
         last = handle.upstream_requests()[-1]
         assert headers_of(last)["x-api-key"] == sha(second)
     finally:
+        handle.stop()
+
+
+def test_hung_extproc_fails_within_message_timeout(tmp_path):
+    handle = StackHandle(tmp_path, stack_env(EXTPROC_MESSAGE_TIMEOUT_MS="1000")).start()
+    [extproc] = [c for c in handle.stack.group.children if c.name == "extproc"]
+    try:
+        extproc.process.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        resp = httpx.post(f"{handle.url}/v1/chat/completions", trust_env=False, timeout=20,
+                          json={"model": "glm-4.7", "messages": [{"role": "user", "content": "x"}]})
+        elapsed = time.monotonic() - started
+        assert resp.status_code == 503, resp.text
+        assert "did not answer in time" in resp.json()["error"]["message"]
+        assert elapsed < 5
+    finally:
+        extproc.process.send_signal(signal.SIGCONT)
         handle.stop()
