@@ -65,3 +65,11 @@ def test_url_round_trip(host, port, path, tls):
     url = parse_url(f"{scheme}://{host}:{port}{path}/")
     assert (url.host, url.port, url.path, url.tls) == (host, port, path, tls)
     assert parse_url(str(url)) == url
+
+
+def test_readme_documents_every_setting():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [s.env for s in SETTINGS if f"`{s.env}`" not in readme]
+    assert not missing
