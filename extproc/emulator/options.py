@@ -1,0 +1,259 @@
+"""Emulator behaviour knobs.
+
+Every field of `EmulatorOptions` can be set at start-up (one CLI flag per field, see
+`extproc.emulator.cli`) and changed while running with `POST /_emulator/config`
+(a JSON object with the fields to change). A change applies to requests that start
+after it; requests already in flight keep the options they started with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+DEFAULT_TEXT = (
+    "Hello from the Z.AI emulator. This reply is deterministic so that tests can "
+    "check every delta, the final text and the token counts."
+)
+
+# Fields whose value must never be shown by the control API.
+SECRET_FIELDS = frozenset({"api_key"})
+
+ANTHROPIC_429_TYPES = ("code", "rate_limit_error")
+
+
+def _doc(text: str) -> dict[str, str]:
+    """Attach a field's documentation where `describe()` and the CLI can find it."""
+    return {"doc": text}
+
+
+@dataclass
+class EmulatorOptions:
+    """What the emulated Z.AI account looks like and how it misbehaves.
+
+    Limits are counted per upstream key; the emulator accepts exactly one key
+    (`api_key`), so in practice they are per emulator.
+    """
+
+    api_key: str = field(
+        metadata=_doc(
+            "The upstream key the emulator accepts (what the gateway must send as "
+            "x-api-key or Authorization: Bearer). Never shown by the control API."
+        ),
+    )
+    model_default: str = field(
+        default="glm-4.7",
+        metadata=_doc(
+            "Model named in responses when the request names a non-GLM model "
+            "(Z.AI maps e.g. claude-* names to its default GLM model). A requested "
+            "model starting with 'glm-' is echoed as sent."
+        ),
+    )
+    events_per_stream: int = field(
+        default=8,
+        metadata=_doc(
+            "Number of text deltas per response (>= 1). Each delta carries one or "
+            "more consecutive words of `text`; if there are fewer words than deltas "
+            "the text is repeated (joined by a space) until there are enough."
+        ),
+    )
+    first_event_delay: float = field(
+        default=0.0,
+        metadata=_doc(
+            "Seconds between sending the 200 status + headers (flushed at once, like "
+            "a real server) and the first SSE event. For non-streaming requests: "
+            "added to the time before the response is sent."
+        ),
+    )
+    event_interval: float = field(
+        default=0.0,
+        metadata=_doc(
+            "Seconds of 'generation' before each text delta after the first (and "
+            "before an injected error or cut that follows a delta). Framing events "
+            "(message_start, ping, message_delta, ...) are sent without pause, so "
+            "time to first token is first_event_delay in both formats."
+        ),
+    )
+    concurrency_cap: int = field(
+        default=0,
+        metadata=_doc(
+            "Max requests in flight per key (0 = unlimited). Over it: 429 with Z.AI "
+            "business code 1302. A slot is held from acceptance until the response "
+            "is finished or the client goes away."
+        ),
+    )
+    rate_cap: int = field(
+        default=0,
+        metadata=_doc(
+            "Max accepted request starts per key in any sliding `rate_window` "
+            "(0 = unlimited). Over it: 429 code 1303. Rejected requests do not count."
+        ),
+    )
+    rate_window: float = field(
+        default=1.0,
+        metadata=_doc("Length in seconds of the sliding window for `rate_cap` (> 0)."),
+    )
+    quota_requests: int = field(
+        default=0,
+        metadata=_doc(
+            "Accepted requests per key before the usage quota is exhausted "
+            "(0 = unlimited). Afterwards every request gets 429 code 1308 'Usage "
+            "limit reached for 5 hour. Your limit will reset at <UTC+8 time>' until "
+            "`quota_reset_after` seconds past the moment of exhaustion; then the "
+            "count starts again from zero."
+        ),
+    )
+    quota_reset_after: float = field(
+        default=3600.0,
+        metadata=_doc("Seconds from quota exhaustion until the quota resets (>= 0)."),
+    )
+    error_after_events: int = field(
+        default=-1,
+        metadata=_doc(
+            "-1 = off. N >= 0: streaming responses stop after min(N, deltas) text "
+            "deltas with an error after the 200 (Anthropic: `event: error` with "
+            "overloaded_error; OpenAI: a `data: {\"error\":{\"code\":\"1305\",...}}` "
+            "line), then the stream ends cleanly without the usual closing events. "
+            "Non-streaming responses fail instead: Anthropic 529 overloaded_error, "
+            "OpenAI 429 code 1305."
+        ),
+    )
+    disconnect_after_events: int = field(
+        default=-1,
+        metadata=_doc(
+            "-1 = off. N >= 0: after min(N, deltas) text deltas the TCP connection is "
+            "reset (RST, no terminating chunk), as when an upstream dies mid-stream. "
+            "Non-streaming requests are cut before any response byte. If "
+            "error_after_events is smaller, the error wins."
+        ),
+    )
+    input_tokens: int = field(
+        default=-1,
+        metadata=_doc(
+            "Uncached input tokens reported (Anthropic usage.input_tokens). -1 = "
+            "derive from the request: ceil(utf-8 bytes of the compact JSON of "
+            "system/messages/tools / 4), at least 1."
+        ),
+    )
+    cache_read_tokens: int = field(
+        default=0,
+        metadata=_doc(
+            "Reported cache_read_input_tokens (OpenAI: prompt_tokens_details."
+            "cached_tokens, and added to prompt_tokens)."
+        ),
+    )
+    cache_write_tokens: int = field(
+        default=0,
+        metadata=_doc(
+            "Reported cache_creation_input_tokens (Anthropic format only; OpenAI has "
+            "no such field)."
+        ),
+    )
+    text: str = field(
+        default=DEFAULT_TEXT,
+        metadata=_doc(
+            "The words the assistant says (must contain a non-space character). "
+            "Output tokens reported = cl100k_base token count of the delivered text."
+        ),
+    )
+    anthropic_429_type: str = field(
+        default="code",
+        metadata=_doc(
+            "What the Anthropic endpoint puts in error.type of a 429: 'code' (the "
+            "business code, e.g. \"1302\") or 'rate_limit_error'. Both shapes are "
+            "reported from the real service; error.code always holds the code."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        for name in field_types():
+            setattr(self, name, _coerce(name, getattr(self, name)))
+        _check_ranges(self)
+
+    def update(self, changes: Mapping[str, Any]) -> None:
+        """Apply a partial update atomically; raise ValueError naming the bad field."""
+        if not isinstance(changes, Mapping):
+            raise ValueError("options update must be a JSON object of field: value")
+        candidate = dataclasses.replace(self)
+        for name, value in changes.items():
+            setattr(candidate, name, _coerce(name, value))
+        _check_ranges(candidate)
+        for name in changes:
+            setattr(self, name, getattr(candidate, name))
+
+    def public_dict(self) -> dict[str, Any]:
+        """All options as JSON-ready data, secrets masked."""
+        data = dataclasses.asdict(self)
+        for name in SECRET_FIELDS:
+            data[name] = "<redacted>"
+        return data
+
+
+def field_docs() -> dict[str, str]:
+    """Field name -> documentation, in declaration order."""
+    return {f.name: f.metadata["doc"] for f in dataclasses.fields(EmulatorOptions)}
+
+
+@functools.cache
+def field_types() -> dict[str, type]:
+    """Field name -> its Python type (str, int or float)."""
+    hints = typing.get_type_hints(EmulatorOptions)
+    return {f.name: hints[f.name] for f in dataclasses.fields(EmulatorOptions)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    types = field_types()
+    if name not in types:
+        known = ", ".join(types)
+        raise ValueError(f"unknown emulator option {name!r}; known options: {known}")
+    expected = types[name]
+    # bool is an int subclass; a JSON true for a number is a mistake, not 1.
+    if isinstance(value, bool) or not _type_ok(expected, value):
+        raise ValueError(
+            f"option {name!r} must be {expected.__name__}, got {type(value).__name__} "
+            f"{_safe_repr(name, value)}"
+        )
+    return float(value) if expected is float else value
+
+
+def _type_ok(expected: type, value: Any) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, expected)
+
+
+def _safe_repr(name: str, value: Any) -> str:
+    return "<redacted>" if name in SECRET_FIELDS else repr(value)
+
+
+def _check_ranges(o: EmulatorOptions) -> None:
+    rules: list[tuple[bool, str, str]] = [
+        (o.events_per_stream >= 1, "events_per_stream", "must be >= 1"),
+        (o.first_event_delay >= 0, "first_event_delay", "must be >= 0"),
+        (o.event_interval >= 0, "event_interval", "must be >= 0"),
+        (o.concurrency_cap >= 0, "concurrency_cap", "must be >= 0 (0 = unlimited)"),
+        (o.rate_cap >= 0, "rate_cap", "must be >= 0 (0 = unlimited)"),
+        (o.rate_window > 0, "rate_window", "must be > 0 seconds"),
+        (o.quota_requests >= 0, "quota_requests", "must be >= 0 (0 = unlimited)"),
+        (o.quota_reset_after >= 0, "quota_reset_after", "must be >= 0"),
+        (o.error_after_events >= -1, "error_after_events", "must be >= -1"),
+        (o.disconnect_after_events >= -1, "disconnect_after_events", "must be >= -1"),
+        (o.input_tokens >= -1, "input_tokens", "must be >= -1 (-1 = derive)"),
+        (o.cache_read_tokens >= 0, "cache_read_tokens", "must be >= 0"),
+        (o.cache_write_tokens >= 0, "cache_write_tokens", "must be >= 0"),
+        (bool(o.api_key), "api_key", "must not be empty"),
+        (bool(o.text.strip()), "text", "must contain a non-space character"),
+        (bool(o.model_default.strip()), "model_default", "must not be empty"),
+        (
+            o.anthropic_429_type in ANTHROPIC_429_TYPES,
+            "anthropic_429_type",
+            f"must be one of {', '.join(ANTHROPIC_429_TYPES)}",
+        ),
+    ]
+    for ok, name, problem in rules:
+        if not ok:
+            value = _safe_repr(name, getattr(o, name))
+            raise ValueError(f"option {name!r} {problem}, got {value}")
