@@ -57,7 +57,9 @@ def cmd_up(_: argparse.Namespace) -> int:
 
     run_dir = Path(tempfile.mkdtemp(prefix="zai-proxy-"))
     try:
-        stack = LocalStack(os.environ, run_dir)
+        # Paced like a real model, so a person trying it sees tokens stream in.
+        stack = LocalStack(os.environ, run_dir,
+                           emulator_args=["--first-event-delay", "0.3", "--event-interval", "0.05"])
         return asyncio.run(_up(stack)) if uvloop is None else uvloop.run(_up(stack))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
