@@ -1,0 +1,81 @@
+"""Incremental Server-Sent Events parser, correct across any chunk boundaries.
+
+Works on bytes: events are split on CR, LF or CRLF only (ASCII), so a chunk boundary inside a
+multi-byte UTF-8 character never matters, and nothing is decoded here. Each event keeps `raw`,
+the exact bytes it spanned (including comments and blank lines before it), so that the
+concatenation of every event's `raw` plus `SseParser.tail()` is exactly the input: a caller
+that drops an event can still forward every other byte unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+@dataclass(slots=True, frozen=True)
+class SseEvent:
+    event: bytes  # the `event:` field, b"" when absent
+    data: bytes  # `data:` lines joined with b"\n"
+    raw: bytes  # every input byte since the previous event, up to its terminating blank line
+
+
+class SseParser:
+    __slots__ = ("_buf", "_scan", "_event", "_data")
+
+    def __init__(self) -> None:
+        self._buf = b""  # bytes not yet part of a dispatched event
+        self._scan = 0  # where in `_buf` the unparsed part starts
+        self._event = b""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes, final: bool = False) -> list[SseEvent]:
+        """Events completed by `chunk`, in order; `final` marks the end of the stream."""
+        buf = self._buf + chunk if self._buf else chunk
+        events: list[SseEvent] = []
+        event_start = 0
+        pos = self._scan
+        end = len(buf)
+        while pos < end:
+            match = _LINE_END.search(buf, pos)
+            if match is None:
+                break
+            if match.end() == end and not final and match.group() == b"\r":
+                break  # a CR at the end may be the first half of a CRLF: wait for more
+            line = buf[pos:match.start()]
+            pos = match.end()
+            if line:
+                self._field(line)
+            elif self._data:
+                events.append(SseEvent(self._event, b"\n".join(self._data), buf[event_start:pos]))
+                event_start = pos
+                self._event = b""
+                self._data = []
+            else:
+                self._event = b""  # a blank line with no data dispatches nothing
+        # Keep the undispatched bytes: the partial line, and the lines of the unfinished event
+        # (their fields are already parsed, so only `raw` needs them).
+        self._buf = buf[event_start:]
+        self._scan = pos - event_start
+        return events
+
+    def _field(self, line: bytes) -> None:
+        if line[0] == 0x3A:  # ":" starts a comment
+            return
+        name, colon, value = line.partition(b":")
+        if colon and value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+        elif name == b"event":
+            self._event = value
+        # id and retry do not matter to a proxy; unknown fields are ignored per the spec.
+
+    def tail(self) -> bytes:
+        """Bytes after the last complete event (an unfinished event at end of stream)."""
+        return self._buf
+
+    def pending(self) -> int:
+        return len(self._buf)
