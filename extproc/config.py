@@ -142,6 +142,16 @@ def parse_host(raw: str) -> str:
     return value
 
 
+def parse_list(raw: str) -> tuple[str, ...]:
+    items = tuple(item.strip().lower() for item in raw.split(",") if item.strip())
+    if not items:
+        raise ValueError("must list at least one name, separated by commas")
+    return items
+
+
+DEFAULT_MODEL_LABELS = "glm-4.7,glm-4.6,glm-4.5,glm-4.5-air,glm-4.5-flash,glm-5,glm-4.6v"
+
+
 @dataclass(frozen=True)
 class Setting:
     env: str
@@ -199,6 +209,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_RETRIES", "max_retries", parse_non_negative_int, "2", "MAX_RETRIES=2",
             "Envoy retries of requests that never reached Z.AI (connect failures, refused streams)."),
     Setting("LOG_LEVEL", "log_level", parse_log_level, "INFO", "LOG_LEVEL=INFO", "Log verbosity."),
+    Setting("TOKEN_COUNTING_ENABLED", "token_counting", parse_bool, "true",
+            "TOKEN_COUNTING_ENABLED=false",
+            "Estimate tokens with tiktoken (request input, and output of streams cut before their "
+            "usage). Usage Z.AI reports is always recorded."),
+    Setting("MODEL_LABELS", "model_labels", parse_list, DEFAULT_MODEL_LABELS,
+            "MODEL_LABELS=glm-4.7,glm-4.6",
+            "Models that get their own `model` label value; any other model is counted as `other`."),
+    Setting("PRICES_FILE", "prices_file", parse_text, None, "PRICES_FILE=/etc/zai-proxy/prices.json",
+            "JSON price table for the estimated-cost metric (shape: extproc/pricing.py); "
+            "built-in GLM list prices otherwise."),
 )
 
 
@@ -223,6 +243,9 @@ class Settings:
     extproc_message_timeout_ms: int = 2000
     max_retries: int = 2
     log_level: str = "INFO"
+    token_counting: bool = True
+    model_labels: tuple[str, ...] = tuple(DEFAULT_MODEL_LABELS.split(","))
+    prices_file: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":

@@ -12,17 +12,48 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .admin import build_admin_app
-from .config import Settings
+from .api import Api
+from .config import ConfigError, Settings
 from .keys import KeyUnavailable, UpstreamKey, WorkerKeys
 from .metrics import Metrics
+from .pricing import PriceTable
+from .report import Reporter
+from .request_body import RequestInfo, parse_request_async
 from .servicer import ExternalProcessor
 from .session import Gateway
+from .tokens import TokenCounter
 
 log = logging.getLogger(__name__)
 
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 # Headroom above the body limit for the rest of the ProcessingRequest.
 GRPC_MESSAGE_OVERHEAD = 1 << 20
+
+
+def load_prices(path: str | None) -> PriceTable:
+    if path is None:
+        return PriceTable()
+    try:
+        return PriceTable.from_file(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"PRICES_FILE={path!r} cannot be used: {exc}; for example: "
+                          f'{{"models": {{"glm-4.7": {{"input": 0.6, "output": 2.2}}}}}}') from None
+
+
+class TiktokenEstimator:
+    """The session's `Estimator`: request parsing and token counts, big ones off the loop."""
+
+    def __init__(self, counter: TokenCounter) -> None:
+        self.counter = counter
+
+    async def parse(self, body: bytes, api: Api) -> RequestInfo:
+        return await parse_request_async(body, api, self.counter.executor)
+
+    async def count(self, info: RequestInfo) -> int:
+        return await self.counter.count(info)
+
+    async def count_text(self, text: str) -> int:
+        return await self.counter.count_text_async(text)
 
 
 class Service:
@@ -32,9 +63,12 @@ class Service:
         settings.require_upstream_key()
         self.settings = settings
         self.upstream_key = UpstreamKey(settings.api_key, settings.api_key_file)
-        self.metrics = Metrics(settings.deployment_variant)
+        self.metrics = Metrics(settings.deployment_variant, settings.model_labels)
+        prices = load_prices(settings.prices_file)
+        self.reporter = Reporter(self.metrics, prices, settings.deployment_variant)
         self.gateway = Gateway(self.upstream_key, WorkerKeys(settings.worker_keys_file),
-                               self.metrics)
+                               self.reporter, TiktokenEstimator(TokenCounter()),
+                               count_tokens=settings.token_counting)
         self.serving = False
 
     def secrets(self) -> list[str]:

@@ -6,6 +6,7 @@ are prebuilt once, because the response-body phase runs for every streamed chunk
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import AsyncIterator, Callable
 
@@ -14,10 +15,14 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
 
-from .session import Gateway, HeaderChanges, ImmediateReply, RequestSession
+from .session import BodyChange, Gateway, HeaderChanges, ImmediateReply, RequestSession
 
 log = logging.getLogger(__name__)
+
+# Envoy's access log reads the numbers from this dynamic-metadata namespace (envoy/envoy.yaml).
+METADATA_NAMESPACE = "zai_proxy"
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
@@ -53,10 +58,19 @@ def immediate(reply: ImmediateReply) -> pb.ProcessingResponse:
         details=reply.details))
 
 
+def with_metadata(response: pb.ProcessingResponse, fields: dict[str, object] | None) -> pb.ProcessingResponse:
+    if fields:
+        metadata = struct_pb2.Struct()
+        metadata.update({METADATA_NAMESPACE: fields})
+        response.dynamic_metadata.CopyFrom(metadata)
+    return response
+
+
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, gateway: Gateway, on_stream: Callable[[int], None] = lambda delta: None):
         self.gateway = gateway
         self._on_stream = on_stream
+        self._closing: set[asyncio.Task[object]] = set()
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
@@ -67,30 +81,62 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 phase = request.WhichOneof("request")
                 if phase == "response_body":
                     body = request.response_body
-                    session.on_response_body(body.body, body.end_of_stream)
-                    yield _RESPONSE_BODY_OK
+                    replacement = session.on_response_body(body.body, body.end_of_stream)
+                    if replacement is None and not body.end_of_stream:
+                        yield _RESPONSE_BODY_OK
+                    else:
+                        yield await self._response_body(session, replacement, body.end_of_stream)
                 elif phase == "request_headers":
-                    yield self._request_headers(session, request.request_headers)
+                    yield await self._request_headers(session, request.request_headers)
                 elif phase == "request_body":
                     body = request.request_body
-                    session.on_request_body(body.body, body.end_of_stream)
-                    yield _REQUEST_BODY_OK
+                    change = await session.on_request_body(body.body, body.end_of_stream)
+                    yield _REQUEST_BODY_OK if change is None else self._body_change(change)
                 elif phase == "response_headers":
                     headers = request.response_headers
                     session.on_response_headers(header_map(headers), headers.end_of_stream)
-                    yield _RESPONSE_HEADERS_OK
+                    if headers.end_of_stream:
+                        fields = await session.complete(completed=True)
+                        yield with_metadata(pb.ProcessingResponse(response_headers=pb.HeadersResponse()), fields)
+                    else:
+                        yield _RESPONSE_HEADERS_OK
                 else:
-                    # Trailers are not requested; answer anything else without change.
+                    # Trailers are not requested; anything else is answered without change.
                     log.debug("unexpected ext_proc phase", extra={"phase": phase})
         finally:
-            # Envoy closes the stream when the request ends, the client leaves or Envoy resets it.
-            session.finish()
+            # Envoy closes the stream when the request ends, the client leaves or Envoy resets
+            # it. Recording may await a token count, so it runs as its own task: awaiting here
+            # could be interrupted by the stream's cancellation.
+            task = asyncio.ensure_future(session.complete(completed=False))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
             self._on_stream(-1)
 
     @staticmethod
-    def _request_headers(session: RequestSession, headers: pb.HttpHeaders) -> pb.ProcessingResponse:
+    async def _request_headers(session: RequestSession, headers: pb.HttpHeaders) -> pb.ProcessingResponse:
         result = session.on_request_headers(header_map(headers))
         if isinstance(result, ImmediateReply):
-            return immediate(result)
+            response = immediate(result)
+            await session.complete(completed=True)
+            return response
         return pb.ProcessingResponse(request_headers=pb.HeadersResponse(
             response=pb.CommonResponse(header_mutation=mutation(result))))
+
+    @staticmethod
+    def _body_change(change: BodyChange) -> pb.ProcessingResponse:
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
+            header_mutation=mutation(change.headers),
+            body_mutation=pb.BodyMutation(body=change.body))))
+
+    @staticmethod
+    async def _response_body(session: RequestSession, replacement: bytes | None,
+                             end_of_stream: bool) -> pb.ProcessingResponse:
+        common = pb.CommonResponse()
+        if replacement == b"":
+            common.body_mutation.clear_body = True  # all of it held back (a partial event)
+        elif replacement is not None:
+            common.body_mutation.body = replacement
+        response = pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
+        if end_of_stream:
+            return with_metadata(response, await session.complete(completed=True))
+        return response

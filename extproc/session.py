@@ -3,18 +3,24 @@
 One `RequestSession` lives for one HTTP request. The gRPC servicer feeds it the phases Envoy sends
 (request headers, request body, response headers, response body chunks) and translates what it
 returns into protobuf. It knows nothing of gRPC: its inputs are plain header maps and bytes, its
-outputs are `HeaderChanges` or an `ImmediateReply`, and `finish` runs exactly once however the
-request ends.
+outputs are `HeaderChanges`, replacement bodies or an `ImmediateReply`, and `complete` records
+the request exactly once however it ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol
+from typing import Awaitable, Callable, Mapping, Protocol
+
+import orjson
 
 from .api import Api, Endpoint, endpoint_for_path, error_body
 from .keys import KeyUnavailable, UpstreamKey, WorkerKeys
+from .request_body import RequestInfo
+from .response_body import ResponseBody
+from .usage import ResponseFacts
 
 # Headers the gateway uses internally to carry identity or variant: never accepted from clients.
 INTERNAL_HEADER_PREFIX = "x-zai-proxy-"
@@ -40,6 +46,34 @@ class ImmediateReply:
     details: str = "zai_proxy"
 
 
+@dataclass(frozen=True)
+class BodyChange:
+    """A replaced request body, and the header changes that go with it."""
+
+    body: bytes
+    headers: HeaderChanges
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Final token counts of a request, and which of them are estimates."""
+
+    input: int = 0
+    output: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+    input_estimated: bool = False
+    output_estimated: bool = False
+
+    @property
+    def estimated(self) -> bool:
+        return self.input_estimated or self.output_estimated
+
+    def by_direction(self) -> dict[str, int]:
+        return {"input": self.input, "output": self.output, "cache_read": self.cache_read,
+                "cache_write": self.cache_write}
+
+
 @dataclass
 class Outcome:
     """What the request came to; handed to the recorder once."""
@@ -50,10 +84,25 @@ class Outcome:
     status: int
     duration: float
     completed: bool  # the response reached its end (vs. cut short / client gone)
+    requested_model: str | None = None
+    model: str | None = None  # as the response named it, else as requested
+    tokens: Tokens | None = None  # None: no tokens to account (rejected before upstream)
+    time_to_first_token: float | None = None
+    error_type: str | None = None
+    error_code: str | None = None
+    malformed_request: str | None = None
 
 
 class Recorder(Protocol):
-    def record(self, outcome: Outcome) -> None: ...
+    def record(self, outcome: Outcome) -> dict[str, object]: ...
+
+
+class Estimator(Protocol):
+    """Token counting (tiktoken, cached, off the event loop for large inputs)."""
+
+    async def parse(self, body: bytes, api: Api) -> RequestInfo: ...
+    async def count(self, info: RequestInfo) -> int: ...
+    async def count_text(self, text: str) -> int: ...
 
 
 @dataclass
@@ -63,7 +112,9 @@ class Gateway:
     upstream_key: UpstreamKey
     worker_keys: WorkerKeys
     recorder: Recorder
+    estimator: Estimator
     clock: Callable[[], float] = time.monotonic
+    count_tokens: bool = True
 
 
 def client_token(headers: Mapping[str, str]) -> str | None:
@@ -78,6 +129,20 @@ def client_token(headers: Mapping[str, str]) -> str | None:
     return None
 
 
+def with_usage_requested(body: bytes) -> bytes:
+    """The OpenAI request body with `stream_options.include_usage` on, other bytes untouched
+    where possible (the key is spliced in after the opening brace)."""
+    doc = orjson.loads(body)
+    if "stream_options" not in doc:
+        start = body.index(b"{") + 1
+        rest = body[start:].lstrip()
+        sep = b"" if rest.startswith(b"}") else b","
+        return body[:start] + b'"stream_options":{"include_usage":true}' + sep + body[start:]
+    options = doc.get("stream_options")
+    doc["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return orjson.dumps(doc)
+
+
 @dataclass
 class RequestSession:
     gateway: Gateway
@@ -86,7 +151,12 @@ class RequestSession:
     worker: str = "unknown"
     request_id: str = ""
     status: int | None = None
-    finished: bool = field(default=False)
+    info: RequestInfo | None = None
+    response: ResponseBody | None = None
+    usage_injected: bool = False
+    _input_count: asyncio.Future[int] | None = None
+    _done: bool = field(default=False)
+    _tokens_expected: bool = False  # the request went upstream, so it may have cost tokens
 
     @property
     def api(self) -> Api:
@@ -110,42 +180,97 @@ class RequestSession:
             return self._reply(503, "unavailable",
                                "zai-proxy: the upstream Z.AI key cannot be read (check "
                                "ZAI_API_KEY_FILE); the request was not sent. Retry shortly.")
+        self._tokens_expected = True
         return self._auth_changes(headers, key)
 
-    def on_request_body(self, body: bytes, end_of_stream: bool) -> None:
-        """Request bodies arrive whole (BUFFERED mode); token accounting reads them."""
+    async def on_request_body(self, body: bytes, end_of_stream: bool) -> BodyChange | None:
+        """The whole request body (BUFFERED mode): what was asked, and the input estimate."""
+        info = await self.gateway.estimator.parse(body, self.api)
+        self.info = info
+        if self.gateway.count_tokens and info.malformed is None:
+            # Counted in the background: the request goes upstream without waiting for it.
+            self._input_count = asyncio.ensure_future(self.gateway.estimator.count(info))
+        if (self.endpoint is Endpoint.CHAT_COMPLETIONS and info.malformed is None and info.stream
+                and not info.include_usage):
+            # Ask for the usage chunk on the client's behalf; it is removed from the response.
+            new_body = with_usage_requested(body)
+            self.usage_injected = True
+            return BodyChange(new_body, HeaderChanges(set=(("content-length", str(len(new_body))),)))
+        return None
 
     def on_response_headers(self, headers: Mapping[str, str], end_of_stream: bool) -> None:
         self.status = int(headers.get(":status", "0") or 0)
-        if end_of_stream:
-            self.finish(completed=True)
+        streaming = "text/event-stream" in headers.get("content-type", "")
+        self.response = ResponseBody(self.api, streaming, self.usage_injected and streaming)
 
-    def on_response_body(self, chunk: bytes, end_of_stream: bool) -> None:
-        if end_of_stream:
-            self.finish(completed=True)
+    def on_response_body(self, chunk: bytes, end_of_stream: bool) -> bytes | None:
+        """Account for one chunk (the hot path); return replacement bytes or None."""
+        response = self.response
+        if response is None:
+            return None
+        return response.feed(chunk, end_of_stream, self.gateway.clock())
 
-    def finish(self, completed: bool = False) -> None:
-        """Record the outcome exactly once, whichever phase or failure ends the request."""
-        if self.finished:
-            return
-        self.finished = True
+    async def complete(self, completed: bool) -> dict[str, object] | None:
+        """Settle the counts and record the outcome, once. Returns what the recorder reports
+        (for Envoy's dynamic metadata), or None when already recorded."""
+        if self._done:
+            return None
+        self._done = True
         status = self.status if self.status is not None else CLIENT_CLOSED
-        self.gateway.recorder.record(Outcome(
+        facts = self.response.facts if self.response is not None else ResponseFacts()
+        requested = self.info.model if self.info is not None else None
+        # Only a successful response costs tokens; a rejection (429, 401, ...) does not.
+        billable = self._tokens_expected and 200 <= status < 300
+        tokens = await self._settle(facts) if billable else None
+        first = facts.first_token_at
+        return self.gateway.recorder.record(Outcome(
             endpoint=self.endpoint, worker=self.worker, request_id=self.request_id, status=status,
-            duration=max(0.0, self.gateway.clock() - self.started), completed=completed))
+            duration=max(0.0, self.gateway.clock() - self.started), completed=completed,
+            requested_model=requested, model=facts.model or requested, tokens=tokens,
+            time_to_first_token=None if first is None else max(0.0, first - self.started),
+            error_type=facts.error_type, error_code=facts.error_code,
+            malformed_request=self.info.malformed if self.info is not None else None))
 
     # -- helpers ----------------------------------------------------------------------------
 
+    async def _settle(self, facts: ResponseFacts) -> Tokens:
+        """Reported usage where Z.AI sent it; estimates where it did not."""
+        usage = facts.usage
+        input_tokens, input_estimated = usage.input, False
+        if input_tokens is None:
+            input_tokens, input_estimated = await self._input_estimate(), True
+        output_tokens, output_estimated = usage.output, False
+        if not facts.output_final:
+            # Cut, or silent about usage: count what was delivered.
+            output_tokens, output_estimated = await self._delivered_estimate(), True
+        return Tokens(input=input_tokens or 0, output=output_tokens or 0,
+                      cache_read=usage.cache_read or 0, cache_write=usage.cache_write or 0,
+                      input_estimated=input_estimated, output_estimated=output_estimated)
+
+    async def _input_estimate(self) -> int:
+        if self._input_count is None:
+            return 0
+        try:
+            return await self._input_count
+        except Exception:  # an estimate is best effort; the request already went through
+            return 0
+
+    async def _delivered_estimate(self) -> int:
+        if self.response is None or not self.gateway.count_tokens:
+            return 0
+        text = self.response.delivered_text()
+        return await self.gateway.estimator.count_text(text) if text else 0
+
     def _auth_changes(self, headers: Mapping[str, str], key: str) -> HeaderChanges:
         internal = tuple(name for name in headers if name.startswith(INTERNAL_HEADER_PREFIX))
+        # Bodies must stay readable for token accounting.
+        identity = ("accept-encoding", "identity")
         if self.api is Api.ANTHROPIC:
-            return HeaderChanges(set=(("x-api-key", key),),
+            return HeaderChanges(set=(("x-api-key", key), identity),
                                  remove=("authorization",) + internal)
-        return HeaderChanges(set=(("authorization", f"Bearer {key}"),),
+        return HeaderChanges(set=(("authorization", f"Bearer {key}"), identity),
                              remove=("x-api-key",) + internal)
 
     def _reply(self, status: int, kind: str, message: str) -> ImmediateReply:
         self.status = status
-        reply = ImmediateReply(status, error_body(self.api, kind, message), details=f"zai_proxy_{kind}")
-        self.finish(completed=True)
-        return reply
+        return ImmediateReply(status, error_body(self.api, kind, message), details=f"zai_proxy_{kind}")

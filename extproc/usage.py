@@ -48,6 +48,7 @@ class ResponseFacts:
     error_type: str | None = None  # an error reported in the body (after a 200, or the error body)
     error_code: str | None = None  # Z.AI business code, e.g. "1302"
     complete: bool = False  # the response reached its proper end (message_stop / [DONE] / JSON)
+    output_final: bool = False  # usage.output is the final count, not message_start's placeholder
 
 
 def _int(value: Any) -> int | None:
@@ -143,8 +144,9 @@ class AnthropicStream:
                     self.facts.model = message["model"]
         elif name == b"message_delta":
             doc = _loads(event.data)
-            if isinstance(doc, dict):
-                anthropic_usage(doc.get("usage"), self.facts.usage)
+            if isinstance(doc, dict) and isinstance(doc.get("usage"), dict):
+                anthropic_usage(doc["usage"], self.facts.usage)
+                self.facts.output_final = self.facts.usage.output is not None
         elif name == b"message_stop":
             self.facts.complete = True
         elif name == b"error":
@@ -194,6 +196,7 @@ class OpenAIStream:
             doc = _loads(data)
             if isinstance(doc, dict):
                 openai_usage(doc.get("usage"), self.facts.usage)
+                self.facts.output_final = self.facts.usage.output is not None
                 if isinstance(doc.get("model"), str):
                     self.facts.model = doc["model"]
                 if self.drop_usage_chunk and not doc.get("choices"):
@@ -244,6 +247,7 @@ def facts_from_json(api: Api, body: bytes) -> tuple[ResponseFacts, str]:
         openai_usage(doc.get("usage"), facts.usage)
         text = _openai_message_text(doc.get("choices"))
     facts.complete = True
+    facts.output_final = facts.usage.output is not None
     return facts, text
 
 
