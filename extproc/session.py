@@ -187,7 +187,8 @@ class RequestSession:
         """The whole request body (BUFFERED mode): what was asked, and the input estimate."""
         info = await self.gateway.estimator.parse(body, self.api)
         self.info = info
-        if self.gateway.count_tokens and info.malformed is None:
+        if (self.gateway.count_tokens and info.malformed is None
+                and self.endpoint is not Endpoint.COUNT_TOKENS):
             # Counted in the background: the request goes upstream without waiting for it.
             self._input_count = asyncio.ensure_future(self.gateway.estimator.count(info))
         if (self.endpoint is Endpoint.CHAT_COMPLETIONS and info.malformed is None and info.stream
@@ -219,8 +220,10 @@ class RequestSession:
         status = self.status if self.status is not None else CLIENT_CLOSED
         facts = self.response.facts if self.response is not None else ResponseFacts()
         requested = self.info.model if self.info is not None else None
-        # Only a successful response costs tokens; a rejection (429, 401, ...) does not.
-        billable = self._tokens_expected and 200 <= status < 300
+        # Only a successful generation costs tokens; a rejection (429, 401, ...) or a
+        # count_tokens call does not.
+        billable = (self._tokens_expected and 200 <= status < 300
+                    and self.endpoint is not Endpoint.COUNT_TOKENS)
         tokens = await self._settle(facts) if billable else None
         first = facts.first_token_at
         return self.gateway.recorder.record(Outcome(

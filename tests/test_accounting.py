@@ -200,3 +200,36 @@ def test_time_to_first_token_histogram(counted, emulator_options):
     total = [l for l in text.splitlines() if l.startswith("zai_proxy_time_to_first_token_seconds_count")
              and 'model="glm-4.7"' in l]
     assert slow and total and float(total[0].rsplit(" ", 1)[1]) > float(slow[0].rsplit(" ", 1)[1])
+
+
+def test_malformed_json_is_forwarded_untouched_and_counted_unknown(counted):
+    rid = str(uuid.uuid4())
+    counted.emulator("POST", "/_emulator/reset")
+    body = b'{"model": "glm-4.7", "messages": [ oops'
+    resp = httpx.post(f"{counted.url}/v1/messages", content=body, trust_env=False,
+                      headers={"x-api-key": "proxy-handles-auth", "x-request-id": rid,
+                               "content-type": "application/json"})
+    assert resp.status_code == 400 and resp.json()["type"] == "error"  # Z.AI's own answer
+    [seen] = counted.upstream_requests()
+    assert seen["body_size"] == len(body)
+    line = usage_line(counted, rid)
+    assert line["malformed_request"] and line["status"] == 400 and line["input_tokens"] == 0
+
+
+def test_upstream_is_asked_for_identity_encoding(counted):
+    counted.emulator("POST", "/_emulator/reset")
+    httpx.post(f"{counted.url}/v1/messages", trust_env=False, json=ASK,
+               headers={"x-api-key": "proxy-handles-auth", "accept-encoding": "gzip, br"})
+    [seen] = counted.upstream_requests()
+    assert seen["headers"]["accept-encoding"] == "identity"
+
+
+def test_count_tokens_costs_no_tokens(counted):
+    rid = str(uuid.uuid4())
+    before = token_counts(counted)
+    resp = httpx.post(f"{counted.url}/v1/messages/count_tokens", trust_env=False, json=ASK,
+                      headers={"x-api-key": "proxy-handles-auth", "x-request-id": rid})
+    assert resp.status_code == 200
+    line = usage_line(counted, rid)
+    assert line["endpoint"] == "count_tokens" and line["input_tokens"] == 0
+    assert delta(before, token_counts(counted)) == {k: 0 for k in before}
