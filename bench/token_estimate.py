@@ -13,7 +13,10 @@ blocks until the body reaches the size asked):
     counted, the case of every later turn of an agent; and the warm/cold ratio;
 (c) event-loop blocking: a ticker task sleeps 1 ms in a loop and records how late it wakes while
     `await parse_request_async(...)` and `await counter.count(...)` run, cold and warm, with
-    CPython's default GIL switch interval (5 ms) and with `tune_gil_switching()` (1 ms).
+    CPython's default GIL switch interval (5 ms) and with `tune_gil_switching()` (1 ms);
+(d) the same ticker around `parse_request_async` alone for 1, 4 and 16 MB bodies, with a thread
+    and with a process pool (an option for the server, not what it does today);
+and the cache's memory per entry.
 
 Prints medians with min and max over the repetitions, as Markdown for bench/RESULTS.md.
 """
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import multiprocessing
 import os
 import platform
 import random
@@ -90,7 +95,7 @@ def turn(rng: random.Random, index: int) -> list[dict[str, object]]:
 def conversation(size: int, seed: int = 7) -> tuple[bytes, bytes]:
     """(previous request, next request): the previous one is the next one's first ~95%."""
     rng = random.Random(seed)
-    system = "\n\n".join(words(rng, 120) + "\n" + code(rng, 8) for _ in range(40))
+    system = "\n\n".join(words(rng, 120) + "\n" + code(rng, 8) for _ in range(57))
     doc: dict[str, object] = {"model": "glm-4.6", "max_tokens": 32000, "stream": True,
                               "system": [{"type": "text", "text": system}],
                               "tools": [tool(rng, i) for i in range(20)], "messages": []}
@@ -190,11 +195,23 @@ def cache_entry_bytes(entries: int = 50_000) -> float:
     return sum(s.size_diff for s in after.compare_to(before, "filename")) / entries
 
 
-def parse_row(body: bytes, repeat: int = 3) -> str:
+async def block_and_wall(work: Callable[[], Awaitable[object]]) -> tuple[float, float]:
+    start = time.perf_counter()
+    block = await max_block(work)
+    return block, time.perf_counter() - start
+
+
+def parse_row(body: bytes, processes: concurrent.futures.Executor, repeat: int = 3) -> str:
+    """Parse time; loop block with a thread; loop block and wall time with a process pool."""
     parse = Series([timed(lambda: parse_request(body, Api.ANTHROPIC)) for _ in range(repeat)])
-    block = Series([asyncio.run(max_block(lambda: parse_request_async(body, Api.ANTHROPIC)))
-                    for _ in range(repeat)])
-    return f"| {len(body) >> 20} MB | {parse.cell()} | {block.cell(digits=2)} |"
+    thread = Series([asyncio.run(max_block(lambda: parse_request_async(body, Api.ANTHROPIC)))
+                     for _ in range(repeat)])
+    runs = [asyncio.run(block_and_wall(lambda: parse_request_async(body, Api.ANTHROPIC, processes,
+                                                                   inline_limit_bytes=0)))
+            for _ in range(repeat)]
+    process_block, process_wall = Series([r[0] for r in runs]), Series([r[1] for r in runs])
+    return (f"| {len(body) >> 20} MB | {parse.cell()} | {thread.cell(digits=2)} | "
+            f"{process_block.cell(digits=2)} | {process_wall.cell()} |")
 
 
 def main() -> None:
@@ -235,10 +252,15 @@ def main() -> None:
         blocks = collect([asyncio.run(loop_round(previous, body)) for _ in range(args.repeat)])
         print(f"| {label} | " + " | ".join(blocks[k].cell(digits=2)
                                           for k in ("idle", "parse", "cold", "warm")) + " |")
-    print("\nparse_request_async alone, by body size (orjson holds the GIL while it parses):\n")
-    print("| body | parse, ms | longest loop block, ms (1 ms switch interval) |\n|---|---|---|")
-    for mb in (1, 4, 16):
-        print(parse_row(conversation(mb << 20)[1]))
+    print("\nparse_request_async alone, by body size (orjson holds the GIL while it parses); "
+          "ms, median (min-max), 1 ms switch interval:\n")
+    print("| body | parse | loop block, parse in a thread | loop block, parse in a process "
+          "pool | wall time, process pool |\n|---|---|---|---|---|")
+    context = multiprocessing.get_context("forkserver")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as processes:
+        processes.submit(int).result()  # started
+        for mb in (1, 4, 16):
+            print(parse_row(conversation(mb << 20)[1], processes))
     print(f"\ncache memory: {cache_entry_bytes():.0f} bytes per entry "
           "(tracemalloc, 50,000 entries)")
 

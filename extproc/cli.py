@@ -29,8 +29,10 @@ def _run(coro: object) -> None:
 def cmd_serve(_: argparse.Namespace) -> int:
     from . import logs
     from .server import Service, serve
+    from .tokens import tune_gil_switching
 
     settings = Settings.from_env()
+    tune_gil_switching()  # so counting threads hand the event loop the GIL within ~1 ms
     service = Service(settings)
     logs.setup("extproc", settings.log_level, service.secrets)
     _run(serve(service))

