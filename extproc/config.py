@@ -149,6 +149,8 @@ def parse_list(raw: str) -> tuple[str, ...]:
     return items
 
 
+DEFAULT_STATE_FILE = os.path.join(
+    os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "zai-proxy", "limiter.json")
 DEFAULT_MODEL_LABELS = "glm-4.7,glm-4.6,glm-4.5,glm-4.5-air,glm-4.5-flash,glm-5,glm-4.6v"
 
 
@@ -206,8 +208,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("EXTPROC_MESSAGE_TIMEOUT_MS", "extproc_message_timeout_ms", parse_positive_int, "2000",
             "EXTPROC_MESSAGE_TIMEOUT_MS=2000",
             "How long Envoy waits for the ext_proc's answer to one message before failing the request."),
-    Setting("MAX_RETRIES", "max_retries", parse_non_negative_int, "2", "MAX_RETRIES=2",
-            "Envoy retries of requests that never reached Z.AI (connect failures, refused streams)."),
+    Setting("MAX_RETRIES", "max_retries", parse_non_negative_int, "4", "MAX_RETRIES=4",
+            "Envoy retries of a failed attempt: connect failures, Z.AI 429s worth retrying "
+            "(1302, 1303, 1305) and 5xx, with backoff honouring retry-after; never quota errors."),
     Setting("LOG_LEVEL", "log_level", parse_log_level, "INFO", "LOG_LEVEL=INFO", "Log verbosity."),
     Setting("TOKEN_COUNTING_ENABLED", "token_counting", parse_bool, "true",
             "TOKEN_COUNTING_ENABLED=false",
@@ -216,6 +219,35 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MODEL_LABELS", "model_labels", parse_list, DEFAULT_MODEL_LABELS,
             "MODEL_LABELS=glm-4.7,glm-4.6",
             "Models that get their own `model` label value; any other model is counted as `other`."),
+    Setting("RATE_LIMIT_INITIAL", "rate_limit_initial", parse_positive_int, "3", "RATE_LIMIT_INITIAL=3",
+            "Concurrent requests allowed upstream before the limiter has learned anything."),
+    Setting("RATE_LIMIT_MIN", "rate_limit_min", parse_positive_int, "1", "RATE_LIMIT_MIN=1",
+            "The learned concurrency limit never goes below this."),
+    Setting("RATE_LIMIT_MAX", "rate_limit_max", parse_positive_int, "20", "RATE_LIMIT_MAX=20",
+            "The learned concurrency limit never goes above this."),
+    Setting("START_RATE_INITIAL", "start_rate_initial", parse_seconds, "5", "START_RATE_INITIAL=5",
+            "Requests started per second before the limiter has learned anything."),
+    Setting("START_RATE_MIN", "start_rate_min", parse_seconds, "0.2", "START_RATE_MIN=0.2",
+            "The learned start rate (per second) never goes below this."),
+    Setting("START_RATE_MAX", "start_rate_max", parse_seconds, "50", "START_RATE_MAX=50",
+            "The learned start rate (per second) never goes above this."),
+    Setting("QUEUE_TIMEOUT_SECONDS", "queue_timeout", parse_seconds, "120", "QUEUE_TIMEOUT_SECONDS=120",
+            "Longest a request waits for a free slot before it gets 429 with retry-after."),
+    Setting("QUEUE_MAX", "queue_max", parse_positive_int, "1000", "QUEUE_MAX=1000",
+            "Most requests waiting at once; past it new requests get 429 at once."),
+    Setting("MAX_STREAM_SECONDS", "max_stream_seconds", parse_seconds, "3600", "MAX_STREAM_SECONDS=3600",
+            "Longest a request may run; Envoy ends it then, and a slot lease older than this is reclaimed."),
+    Setting("REDIS_URL", "redis_url", parse_text, None, "REDIS_URL=redis://redis:6379/0",
+            "Shared limiter state for several replicas; without it all limits are in-process."),
+    Setting("LIMITER_STATE_FILE", "limiter_state_file", parse_text, DEFAULT_STATE_FILE,
+            "LIMITER_STATE_FILE=/var/lib/zai-proxy/limiter.json",
+            "Where a single replica keeps the learned limits across restarts (stale state expires)."),
+    Setting("WORKER_BUDGETS_FILE", "worker_budgets_file", parse_text, None,
+            "WORKER_BUDGETS_FILE=/etc/zai-proxy/budgets",
+            "Optional per-worker budgets, lines `worker rpm=60 tpm=200000` (`*` = every worker)."),
+    Setting("ADMIN_TOKEN", "admin_token", parse_text, None, "ADMIN_TOKEN=<a long random string>",
+            "Bearer token for the ext_proc's admin endpoints (POST /admin/limiter/reset); unset "
+            "disables them.", secret=True),
     Setting("PRICES_FILE", "prices_file", parse_text, None, "PRICES_FILE=/etc/zai-proxy/prices.json",
             "JSON price table for the estimated-cost metric (shape: extproc/pricing.py); "
             "built-in GLM list prices otherwise."),
@@ -241,11 +273,24 @@ class Settings:
     max_request_body_bytes: int = 33554432
     stream_idle_timeout: float = 900.0
     extproc_message_timeout_ms: int = 2000
-    max_retries: int = 2
+    max_retries: int = 4
     log_level: str = "INFO"
     token_counting: bool = True
     model_labels: tuple[str, ...] = tuple(DEFAULT_MODEL_LABELS.split(","))
     prices_file: str | None = None
+    rate_limit_initial: int = 3
+    rate_limit_min: int = 1
+    rate_limit_max: int = 20
+    start_rate_initial: float = 5.0
+    start_rate_min: float = 0.2
+    start_rate_max: float = 50.0
+    queue_timeout: float = 120.0
+    queue_max: int = 1000
+    max_stream_seconds: float = 3600.0
+    redis_url: str | None = None
+    limiter_state_file: str = DEFAULT_STATE_FILE
+    worker_budgets_file: str | None = None
+    admin_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -264,11 +309,25 @@ class Settings:
                 raise ConfigError(
                     f"{setting.env}={shown} {exc}; for example: {setting.example}"
                 ) from None
-        return cls(**values)
+        return cls(**values).check_ranges()
 
     @property
     def has_upstream_key(self) -> bool:
         return bool(self.api_key or self.api_key_file)
+
+    def check_ranges(self) -> "Settings":
+        """Cross-setting checks that no single parser can make."""
+        if not self.rate_limit_min <= self.rate_limit_initial <= self.rate_limit_max:
+            raise ConfigError(
+                f"RATE_LIMIT_MIN={self.rate_limit_min}, RATE_LIMIT_INITIAL={self.rate_limit_initial}, "
+                f"RATE_LIMIT_MAX={self.rate_limit_max} must satisfy MIN <= INITIAL <= MAX; for "
+                "example: RATE_LIMIT_MIN=1 RATE_LIMIT_INITIAL=3 RATE_LIMIT_MAX=20")
+        if not self.start_rate_min <= self.start_rate_initial <= self.start_rate_max:
+            raise ConfigError(
+                f"START_RATE_MIN={self.start_rate_min}, START_RATE_INITIAL={self.start_rate_initial}, "
+                f"START_RATE_MAX={self.start_rate_max} must satisfy MIN <= INITIAL <= MAX; for "
+                "example: START_RATE_MIN=0.2 START_RATE_INITIAL=5 START_RATE_MAX=50")
+        return self
 
     def require_upstream_key(self) -> None:
         if not self.has_upstream_key:

@@ -30,6 +30,7 @@ def placeholders(settings: Settings) -> dict[str, str]:
         "LISTEN_ADDRESS": settings.listen_address,
         "LISTEN_PORT": settings.listen_port,
         "STREAM_IDLE_TIMEOUT": _seconds(settings.stream_idle_timeout),
+        "MAX_STREAM_DURATION": _seconds(settings.max_stream_seconds),
         "MAX_REQUEST_BODY_BYTES": settings.max_request_body_bytes,
         "MAX_RETRIES": settings.max_retries,
         "EXTPROC_MESSAGE_TIMEOUT": _seconds(settings.extproc_message_timeout_ms / 1000),

@@ -1,0 +1,251 @@
+"""Admission to the upstream account: the fair queue in front of the adaptive limits.
+
+A request gets a `Permit` when the account has a free slot (in-flight below the learned
+concurrency limit) and a start token (start rate below the learned rate); otherwise it waits in
+the fair queue, up to `max_wait`. Every permit is released exactly once — `Permit.release` is
+idempotent and the session releases in the path that runs however a request ends — and leases in
+the store expire after `lease_ttl`, so a lost release (a replica killed) cannot leak a slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .adaptive import Adjustment, AdaptiveLimit
+from .fair_queue import FairQueue
+from .quota import QuotaGate
+from .signals import Signal
+from .store import LimiterStore
+
+log = logging.getLogger(__name__)
+
+
+class Rejected(Exception):
+    """The request cannot be admitted; `retry_after` seconds is what the client should wait."""
+
+    def __init__(self, reason: str, retry_after: float, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # queue_full | wait_timeout | quota | budget
+        self.retry_after = retry_after
+        self.message = message
+
+
+@dataclass
+class Permit:
+    lease_id: str
+    worker: str
+    waited: float
+    _admission: "Admission" = field(repr=False)
+    released: bool = False
+
+    async def release(self, signal: Signal | None) -> bool:
+        """Give the slot back, feeding the limiter what the upstream said; False if already done."""
+        if self.released:
+            return False
+        self.released = True
+        await self._admission._release(self, signal)
+        return True
+
+
+@dataclass
+class AdmissionHooks:
+    """Where admission reports what it does (metrics); no-ops by default."""
+
+    queue_wait: Callable[[float], None] = lambda seconds: None
+    rejected: Callable[[str], None] = lambda reason: None
+    adjusted: Callable[[str, Adjustment], None] = lambda kind, adjustment: None
+    reclaimed: Callable[[int], None] = lambda count: None
+
+
+class Admission:
+    def __init__(self, account: str, store: LimiterStore, concurrency: AdaptiveLimit,
+                 rate: AdaptiveLimit, gate: QuotaGate, *, max_wait: float, max_queue: int,
+                 lease_ttl: float, poll_interval: float = 0.05,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time,
+                 hooks: AdmissionHooks | None = None) -> None:
+        self.account = account
+        self.store = store
+        self.concurrency = concurrency
+        self.rate = rate
+        self.gate = gate
+        self.max_wait = max_wait
+        self.lease_ttl = lease_ttl
+        self.poll_interval = poll_interval
+        self.clock = clock
+        self.wall = wall
+        self.hooks = hooks or AdmissionHooks()
+        self.queue: FairQueue[asyncio.Future[Permit]] = FairQueue(max_queue)
+        self.in_flight_by_worker: dict[str, int] = {}
+        self.in_flight = 0  # this replica's permits
+        self._pumping = False
+        self._pump_again = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- admission ---------------------------------------------------------------------------
+
+    async def admit(self, worker: str) -> Permit:
+        """A permit now, or after a fair wait; raises Rejected."""
+        self.check_gate()
+        started = self.clock()
+        if not len(self.queue):
+            permit = await self._try_start(worker)
+            if permit is not None:
+                self.hooks.queue_wait(0.0)
+                return permit
+        waiter: asyncio.Future[Permit] = asyncio.get_running_loop().create_future()
+        if not self.queue.push(worker, waiter):
+            raise self._reject("queue_full", self.max_wait,
+                               "zai-proxy: too many requests are already waiting for the Z.AI "
+                               "account; retry after the time in retry-after.")
+        self._kick()
+        try:
+            permit = await asyncio.wait_for(asyncio.shield(waiter), self.max_wait)
+        except asyncio.TimeoutError:
+            if not self.queue.remove(worker, waiter) and waiter.done() and not waiter.cancelled():
+                permit = waiter.result()  # admitted at the last moment: take it
+            else:
+                waiter.cancel()
+                raise self._reject(
+                    "wait_timeout", max(1.0, self.max_wait / 4),
+                    f"zai-proxy: waited {self.max_wait:.0f}s for a free slot on the Z.AI account "
+                    "(its capacity is in use); retry after the time in retry-after.") from None
+        except asyncio.CancelledError:
+            # The client left while queued: leave the queue at once, or hand back a slot that
+            # was granted in the same instant.
+            if self.queue.remove(worker, waiter):
+                waiter.cancel()
+            elif waiter.done() and not waiter.cancelled():
+                asyncio.ensure_future(waiter.result().release(None))
+            raise
+        permit.waited = self.clock() - started
+        self.hooks.queue_wait(permit.waited)
+        return permit
+
+    def queued_now(self) -> bool:
+        """Whether a request arriving now would wait (so Envoy's message timeout needs extending)."""
+        return bool(len(self.queue)) or self.in_flight >= self.concurrency.allowed()
+
+    def check_gate(self) -> None:
+        retry_after = self.gate.check(self.wall())
+        if retry_after is not None:
+            raise self._reject("quota", retry_after, "zai-proxy: " + self.gate.reason())
+
+    async def _try_start(self, worker: str) -> Permit | None:
+        now = self.wall()
+        lease_id = uuid.uuid4().hex
+        limit = self.concurrency.allowed()
+        if not await self.store.acquire_slot(self.account, lease_id, limit, now, self.lease_ttl):
+            return None
+        rate = max(self.rate.value, 1e-3)
+        wait = await self.store.take_start(self.account, rate, max(1.0, rate), now)
+        if wait > 0:
+            await self.store.release_slot(self.account, lease_id)
+            self._schedule(wait)
+            return None
+        self.in_flight += 1
+        self.in_flight_by_worker[worker] = self.in_flight_by_worker.get(worker, 0) + 1
+        return Permit(lease_id, worker, 0.0, self)
+
+    # -- the queue pump ----------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        asyncio.ensure_future(self._pump())
+
+    def _schedule(self, delay: float) -> None:
+        if self._timer is None or self._timer.when() > asyncio.get_running_loop().time() + delay:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._kick()
+
+    async def _pump(self) -> None:
+        """Admit queued requests while slots are free; one pump at a time."""
+        if self._pumping:
+            self._pump_again = True
+            return
+        self._pumping = True
+        try:
+            while True:
+                self._pump_again = False
+                await self._admit_queued()
+                if not self._pump_again:
+                    break
+        finally:
+            self._pumping = False
+        if len(self.queue):
+            # Another replica may free a slot, or the rate may allow a start: look again soon.
+            self._schedule(self.poll_interval)
+
+    async def _admit_queued(self) -> None:
+        while len(self.queue):
+            choice = self.queue.peek(self.in_flight_by_worker)
+            assert choice is not None
+            worker, waiter = choice
+            if waiter.done():  # timed out or cancelled; its owner removes it
+                self.queue.remove(worker, waiter)
+                continue
+            permit = await self._try_start(worker)
+            if permit is None:
+                return
+            if not waiter.done() and self.queue.head(worker) is waiter:
+                self.queue.pop(worker)  # advances the worker's turn
+                waiter.set_result(permit)
+            else:
+                await permit.release(None)
+
+    # -- release -----------------------------------------------------------------------------
+
+    async def _release(self, permit: Permit, signal: Signal | None) -> None:
+        load = self.in_flight
+        self.in_flight -= 1
+        left = self.in_flight_by_worker.get(permit.worker, 1) - 1
+        if left > 0:
+            self.in_flight_by_worker[permit.worker] = left
+        else:
+            self.in_flight_by_worker.pop(permit.worker, None)
+        try:
+            await self.store.release_slot(self.account, permit.lease_id)
+        finally:
+            if signal is not None:
+                self.observe(signal, load)
+            self._kick()
+
+    def observe(self, signal: Signal, load: int | None = None) -> None:
+        """Feed an upstream answer to the adaptive limits (also used for retried attempts)."""
+        now = self.wall()
+        load = self.in_flight if load is None else load
+        if signal is Signal.SUCCESS:
+            self._adjusted("concurrency", self.concurrency.on_success(now, load))
+            self._adjusted("rate", self.rate.on_success(now, self.rate.value))
+        elif signal is Signal.CONCURRENCY:
+            self._adjusted("concurrency", self.concurrency.on_throttle(now, load))
+        elif signal is Signal.FREQUENCY:
+            self._adjusted("rate", self.rate.on_throttle(now, self.rate.value))
+
+    def _adjusted(self, kind: str, adjustment: Adjustment | None) -> None:
+        if adjustment is not None and adjustment is not Adjustment.NONE:
+            self.hooks.adjusted(kind, adjustment)
+            if adjustment is not Adjustment.DOWN:
+                self._kick()
+
+    def _reject(self, reason: str, retry_after: float, message: str) -> Rejected:
+        self.hooks.rejected(reason)
+        return Rejected(reason, retry_after, message)
+
+    async def reap(self) -> int:
+        """Reclaim leases that outlived the longest allowed stream."""
+        count = await self.store.reap_expired(self.account, self.wall())
+        if count:
+            log.warning("reclaimed expired limiter leases", extra={"count": count})
+            self.hooks.reclaimed(count)
+            self._kick()
+        return count

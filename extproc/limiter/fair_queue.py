@@ -1,0 +1,93 @@
+"""Waiting requests, served fairly across workers.
+
+The next request to get a free slot comes from the worker with the fewest requests in flight
+(ties: round-robin in order of arrival), so one worker with 20 parallel calls cannot starve five
+workers with one call each. Pure bookkeeping: no clocks, no I/O; the admission controller
+decides when a slot is free.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Lane(Generic[T]):
+    worker: str
+    items: deque[T] = field(default_factory=deque)
+    turn: int = 0  # when this lane was last served (or joined): older turns go first
+
+
+class FairQueue(Generic[T]):
+    def __init__(self, max_waiting: int) -> None:
+        self.max_waiting = max_waiting
+        self._lanes: dict[str, _Lane[T]] = {}
+        self._size = 0
+        self._turns = itertools.count(1)
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def full(self) -> bool:
+        return self._size >= self.max_waiting
+
+    def push(self, worker: str, item: T) -> bool:
+        """Queue `item` for `worker`; False when the queue is full."""
+        if self.full:
+            return False
+        lane = self._lanes.get(worker)
+        if lane is None:
+            lane = self._lanes[worker] = _Lane(worker, turn=next(self._turns))
+        lane.items.append(item)
+        self._size += 1
+        return True
+
+    def remove(self, worker: str, item: T) -> bool:
+        """Take `item` out (its client left, or it timed out); False if it was not queued."""
+        lane = self._lanes.get(worker)
+        if lane is None:
+            return False
+        try:
+            lane.items.remove(item)
+        except ValueError:
+            return False
+        self._size -= 1
+        if not lane.items:
+            del self._lanes[worker]
+        return True
+
+    def peek(self, in_flight: dict[str, int]) -> tuple[str, T] | None:
+        """The next (worker, item) to admit, given each worker's requests in flight."""
+        best: _Lane[T] | None = None
+        for lane in self._lanes.values():
+            if best is None or self._before(lane, best, in_flight):
+                best = lane
+        return None if best is None else (best.worker, best.items[0])
+
+    def head(self, worker: str) -> T | None:
+        lane = self._lanes.get(worker)
+        return lane.items[0] if lane is not None else None
+
+    def pop(self, worker: str) -> T:
+        """Remove and return `worker`'s oldest item (after `peek` chose it)."""
+        lane = self._lanes[worker]
+        item = lane.items.popleft()
+        self._size -= 1
+        lane.turn = next(self._turns)
+        if not lane.items:
+            del self._lanes[worker]
+        return item
+
+    def workers(self) -> Iterator[str]:
+        return iter(self._lanes)
+
+    @staticmethod
+    def _before(a: _Lane[T], b: _Lane[T], in_flight: dict[str, int]) -> bool:
+        load_a, load_b = in_flight.get(a.worker, 0), in_flight.get(b.worker, 0)
+        return load_a < load_b or (load_a == load_b and a.turn < b.turn)
