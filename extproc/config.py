@@ -225,12 +225,13 @@ SETTINGS: tuple[Setting, ...] = (
             "The learned concurrency limit never goes below this."),
     Setting("RATE_LIMIT_MAX", "rate_limit_max", parse_positive_int, "20", "RATE_LIMIT_MAX=20",
             "The learned concurrency limit never goes above this."),
-    Setting("START_RATE_INITIAL", "start_rate_initial", parse_seconds, "5", "START_RATE_INITIAL=5",
-            "Requests started per second before the limiter has learned anything."),
-    Setting("START_RATE_MIN", "start_rate_min", parse_seconds, "0.2", "START_RATE_MIN=0.2",
-            "The learned start rate (per second) never goes below this."),
-    Setting("START_RATE_MAX", "start_rate_max", parse_seconds, "50", "START_RATE_MAX=50",
-            "The learned start rate (per second) never goes above this."),
+    Setting("START_RATE_INITIAL", "start_rate_initial", parse_positive_int, "300",
+            "START_RATE_INITIAL=300",
+            "Requests started per minute before the limiter has learned anything (1303 teaches it)."),
+    Setting("START_RATE_MIN", "start_rate_min", parse_positive_int, "12", "START_RATE_MIN=12",
+            "The learned start rate (requests per minute) never goes below this."),
+    Setting("START_RATE_MAX", "start_rate_max", parse_positive_int, "3000", "START_RATE_MAX=3000",
+            "The learned start rate (requests per minute) never goes above this."),
     Setting("QUEUE_TIMEOUT_SECONDS", "queue_timeout", parse_seconds, "120", "QUEUE_TIMEOUT_SECONDS=120",
             "Longest a request waits for a free slot before it gets 429 with retry-after."),
     Setting("QUEUE_MAX", "queue_max", parse_positive_int, "1000", "QUEUE_MAX=1000",
@@ -281,9 +282,9 @@ class Settings:
     rate_limit_initial: int = 3
     rate_limit_min: int = 1
     rate_limit_max: int = 20
-    start_rate_initial: float = 5.0
-    start_rate_min: float = 0.2
-    start_rate_max: float = 50.0
+    start_rate_initial: int = 300
+    start_rate_min: int = 12
+    start_rate_max: int = 3000
     queue_timeout: float = 120.0
     queue_max: int = 1000
     max_stream_seconds: float = 3600.0
@@ -326,7 +327,7 @@ class Settings:
             raise ConfigError(
                 f"START_RATE_MIN={self.start_rate_min}, START_RATE_INITIAL={self.start_rate_initial}, "
                 f"START_RATE_MAX={self.start_rate_max} must satisfy MIN <= INITIAL <= MAX; for "
-                "example: START_RATE_MIN=0.2 START_RATE_INITIAL=5 START_RATE_MAX=50")
+                "example: START_RATE_MIN=12 START_RATE_INITIAL=300 START_RATE_MAX=3000")
         return self
 
     def require_upstream_key(self) -> None:

@@ -9,7 +9,7 @@ costs dict lookups, not label resolution.
 from __future__ import annotations
 
 import platform
-from typing import Iterable
+from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -99,3 +99,89 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class LimiterMetrics:
+    """`zai_proxy_rate_limit_*` series. Gauges are read from the limiter at scrape time, so the
+    request path only touches counters and the queue-wait histogram."""
+
+    def __init__(self, variant: str, registry: CollectorRegistry) -> None:
+        self.variant = variant
+        labels = ("deployment_variant",)
+        self.queue_wait = Histogram(
+            "zai_proxy_rate_limit_queue_wait_seconds", "Time a request waited for admission.",
+            labels, registry=registry,
+            buckets=(0, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)).labels(variant)
+        self.adjustments = Counter("zai_proxy_rate_limit_adjustments",
+                                   "Changes of the learned limits, by limit and direction.",
+                                   ("deployment_variant", "limit", "direction"), registry=registry)
+        self.rejections = Counter("zai_proxy_rate_limit_rejections",
+                                  "Requests refused by the gateway's limiter, by reason.",
+                                  ("deployment_variant", "reason"), registry=registry)
+        self.reclaimed = Counter("zai_proxy_rate_limit_reclaimed_leases",
+                                 "Slot leases reclaimed because they outlived the longest stream.",
+                                 labels, registry=registry).labels(variant)
+        self.attempts = Counter("zai_proxy_upstream_attempts",
+                                "Upstream attempts (Envoy retries included), by what they meant "
+                                "for the limiter.", ("deployment_variant", "signal"), registry=registry)
+        self._registry = registry
+
+    def hooks(self) -> "AdmissionHooks":  # noqa: F821
+        from .limiter.admission import AdmissionHooks
+
+        return AdmissionHooks(
+            queue_wait=self.queue_wait.observe,
+            rejected=lambda reason: self.rejections.labels(self.variant, reason).inc(),
+            adjusted=lambda limit, adj: self.adjustments.labels(
+                self.variant, limit, adj.value).inc(),
+            reclaimed=self.reclaimed.inc)
+
+    def watch(self, state: "Callable[[], dict[str, object]]", shared: "Callable[[], bool]") -> None:
+        """Register the scrape-time gauges reading `state()`."""
+        self._registry.register(_LimiterCollector(self.variant, state, shared))
+
+
+class _LimiterCollector:
+    GAUGES = (
+        ("concurrency_limit", "zai_proxy_rate_limit_concurrency_limit",
+         "Requests allowed in flight upstream now (learned)."),
+        ("concurrency_ceiling", "zai_proxy_rate_limit_concurrency_ceiling",
+         "Smoothed in-flight count at which Z.AI last refused (1302); NaN before any."),
+        ("start_rate_limit", "zai_proxy_rate_limit_start_rate",
+         "Requests allowed to start per minute now (learned)."),
+        ("start_rate_ceiling", "zai_proxy_rate_limit_start_rate_ceiling",
+         "Smoothed start rate (per minute) at which Z.AI last refused (1303); NaN before any."),
+        ("in_flight", "zai_proxy_rate_limit_in_flight", "Requests holding an upstream slot (this replica)."),
+        ("queued", "zai_proxy_rate_limit_queue_depth", "Requests waiting for admission."),
+    )
+
+    def __init__(self, variant: str, state, shared) -> None:  # type: ignore[no-untyped-def]
+        self.variant = variant
+        self.state = state
+        self.shared = shared
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        from prometheus_client.core import GaugeMetricFamily
+
+        state = self.state()
+        for key, name, doc in self.GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=["deployment_variant"])
+            value = state.get(key)
+            family.add_metric([self.variant], float("nan") if value is None else float(value))
+            yield family
+        gate = state.get("quota_gate")
+        family = GaugeMetricFamily("zai_proxy_rate_limit_quota_gate_closed",
+                                   "1 while a quota error (1304/1308/1309/1113) has closed the gate.",
+                                   labels=["deployment_variant"])
+        family.add_metric([self.variant], 1.0 if gate else 0.0)
+        yield family
+        family = GaugeMetricFamily("zai_proxy_rate_limit_quota_gate_reopens_at_seconds",
+                                   "Unix time the quota gate reopens; 0 when open.",
+                                   labels=["deployment_variant"])
+        family.add_metric([self.variant], float(gate["until"]) if gate else 0.0)  # type: ignore[index]
+        yield family
+        family = GaugeMetricFamily("zai_proxy_rate_limit_shared_state",
+                                   "1 when limits are shared through Redis, 0 on local limits.",
+                                   labels=["deployment_variant"])
+        family.add_metric([self.variant], 1.0 if self.shared() else 0.0)
+        yield family

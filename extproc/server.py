@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 
 import grpc
 from aiohttp import web
@@ -14,8 +15,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from .admin import build_admin_app
 from .api import Api
 from .config import ConfigError, Settings
-from .keys import KeyUnavailable, UpstreamKey, WorkerKeys
-from .metrics import Metrics
+from .attempt import AttemptVerdict
+from .keys import KeyUnavailable, UpstreamKey, WorkerKeys, fingerprint
+from .limiter.account import AccountLimiter, LimiterSettings, load_budgets
+from .limiter.failover import FailoverStore
+from .limiter.redis_store import RedisStore
+from .limiter.store import LimiterStore, LocalStore
+from .metrics import LimiterMetrics, Metrics
 from .pricing import PriceTable
 from .report import Reporter
 from .request_body import RequestInfo, parse_request_async
@@ -38,6 +44,26 @@ def load_prices(path: str | None) -> PriceTable:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"PRICES_FILE={path!r} cannot be used: {exc}; for example: "
                           f'{{"models": {{"glm-4.7": {{"input": 0.6, "output": 2.2}}}}}}') from None
+
+
+def build_limiter(settings: Settings, account: str, metrics: LimiterMetrics) -> AccountLimiter:
+    try:
+        budgets = load_budgets(settings.worker_budgets_file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"WORKER_BUDGETS_FILE={settings.worker_budgets_file!r} cannot be used: "
+                          f"{exc}; for example a line: `alice rpm=60 tpm=200000`") from None
+    store: LimiterStore = LocalStore()
+    if settings.redis_url:
+        store = FailoverStore(RedisStore(settings.redis_url), LocalStore(), time.time)
+    return AccountLimiter(account, LimiterSettings(
+        initial=settings.rate_limit_initial, minimum=settings.rate_limit_min,
+        maximum=settings.rate_limit_max, rate_initial=settings.start_rate_initial,
+        rate_minimum=settings.start_rate_min, rate_maximum=settings.start_rate_max,
+        max_wait=settings.queue_timeout, max_queue=settings.queue_max,
+        # A lease outliving the longest stream Envoy allows belongs to a lost release.
+        lease_ttl=settings.max_stream_seconds + 60,
+        state_file=None if settings.redis_url else settings.limiter_state_file,
+        budgets=budgets), store, metrics.hooks())
 
 
 class TiktokenEstimator:
@@ -66,10 +92,19 @@ class Service:
         self.metrics = Metrics(settings.deployment_variant, settings.model_labels)
         prices = load_prices(settings.prices_file)
         self.reporter = Reporter(self.metrics, prices, settings.deployment_variant)
+        self.limiter_metrics = LimiterMetrics(settings.deployment_variant, self.metrics.registry)
+        self.limiter = build_limiter(settings, fingerprint(self.upstream_key.current()),
+                                     self.limiter_metrics)
+        self.limiter_metrics.watch(self.limiter.state, lambda: self.limiter.store.name == "redis")
         self.gateway = Gateway(self.upstream_key, WorkerKeys(settings.worker_keys_file),
                                self.reporter, TiktokenEstimator(TokenCounter()),
-                               count_tokens=settings.token_counting)
+                               count_tokens=settings.token_counting, limiter=self.limiter)
         self.serving = False
+
+    def on_attempt(self, verdict: AttemptVerdict) -> None:
+        self.limiter_metrics.attempts.labels(self.settings.deployment_variant,
+                                             verdict.signal.value).inc()
+        self.limiter.on_attempt(verdict.signal, verdict.code, verdict.message, verdict.retry_after)
 
     def secrets(self) -> list[str]:
         """Values the log formatter must never print."""
@@ -98,15 +133,17 @@ async def serve(service: Service, stop: asyncio.Event | None = None) -> None:
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
     ])
+    await service.limiter.start()
     pb_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessor(service.gateway, service.on_stream), server)
+        ExternalProcessor(service.gateway, service.on_stream, service.on_attempt), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     grpc_address = f"{settings.extproc_bind_address}:{settings.extproc_grpc_port}"
     server.add_insecure_port(grpc_address)
     await server.start()
 
-    runner = web.AppRunner(build_admin_app(service.readiness, service.metrics.exposition))
+    runner = web.AppRunner(build_admin_app(service.readiness, service.metrics.exposition,
+                                           service.limiter, settings.admin_token))
     await runner.setup()
     site = web.TCPSite(runner, settings.extproc_bind_address, settings.extproc_admin_port)
     await site.start()
@@ -133,4 +170,6 @@ async def serve(service: Service, stop: asyncio.Event | None = None) -> None:
     for name in ("", EXTPROC_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(grace=5)
+    await service.limiter.stop()
+    await service.limiter.store.close()
     await runner.cleanup()

@@ -12,14 +12,19 @@ from typing import AsyncIterator, Callable
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
+from google.protobuf import duration_pb2, struct_pb2
 
+from .attempt import AttemptSession, AttemptVerdict
 from .session import BodyChange, Gateway, HeaderChanges, ImmediateReply, RequestSession
 
 log = logging.getLogger(__name__)
+
+# Envoy's upstream (per-attempt) ext_proc filter announces itself with this gRPC metadata.
+PHASE_METADATA = ("x-zai-proxy-phase", "attempt")
 
 # Envoy's access log reads the numbers from this dynamic-metadata namespace (envoy/envoy.yaml).
 METADATA_NAMESPACE = "zai_proxy"
@@ -66,14 +71,30 @@ def with_metadata(response: pb.ProcessingResponse, fields: dict[str, object] | N
     return response
 
 
+_BUFFER_RESPONSE_BODY = processing_mode_pb2.ProcessingMode(
+    response_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED)
+
+
+def extend_timeout(seconds: float) -> pb.ProcessingResponse:
+    """Ask Envoy to wait longer for the answer to the current message (queued for admission)."""
+    return pb.ProcessingResponse(
+        override_message_timeout=duration_pb2.Duration(seconds=max(1, int(seconds) + 1)))
+
+
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, gateway: Gateway, on_stream: Callable[[int], None] = lambda delta: None):
+    def __init__(self, gateway: Gateway, on_stream: Callable[[int], None] = lambda delta: None,
+                 on_attempt: Callable[[AttemptVerdict], None] = lambda verdict: None):
         self.gateway = gateway
         self._on_stream = on_stream
+        self._on_attempt = on_attempt
         self._closing: set[asyncio.Task[object]] = set()
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
+        if PHASE_METADATA in (context.invocation_metadata() or ()):
+            async for response in self._attempt(request_iterator):
+                yield response
+            return
         session = RequestSession(self.gateway)
         self._on_stream(1)
         try:
@@ -91,7 +112,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 elif phase == "request_body":
                     body = request.request_body
                     change = await session.on_request_body(body.body, body.end_of_stream)
-                    yield _REQUEST_BODY_OK if change is None else self._body_change(change)
+                    if session.must_wait():
+                        yield extend_timeout(self.gateway.limiter.settings.max_wait)  # type: ignore[union-attr]
+                    rejection = await session.admit()
+                    if rejection is not None:
+                        yield immediate(rejection)
+                        await session.complete(completed=True)
+                    else:
+                        yield _REQUEST_BODY_OK if change is None else self._body_change(change)
                 elif phase == "response_headers":
                     headers = request.response_headers
                     session.on_response_headers(header_map(headers), headers.end_of_stream)
@@ -111,6 +139,28 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
             self._on_stream(-1)
+
+    async def _attempt(self, request_iterator: AsyncIterator[pb.ProcessingRequest]) -> AsyncIterator[pb.ProcessingResponse]:
+        """One upstream attempt (Envoy's upstream filter): classify it, mark retryable 429s."""
+        attempt = AttemptSession(self._on_attempt)
+        async for request in request_iterator:
+            phase = request.WhichOneof("request")
+            if phase == "response_headers":
+                headers = request.response_headers
+                buffer, changes = attempt.on_response_headers(header_map(headers), headers.end_of_stream)
+                response = pb.ProcessingResponse(response_headers=pb.HeadersResponse(
+                    response=pb.CommonResponse(header_mutation=mutation(HeaderChanges(set=changes)))))
+                if buffer:
+                    response.mode_override.CopyFrom(_BUFFER_RESPONSE_BODY)
+                yield response
+            elif phase == "response_body":
+                changes = attempt.on_response_body(request.response_body.body)
+                yield pb.ProcessingResponse(response_body=pb.BodyResponse(
+                    response=pb.CommonResponse(header_mutation=mutation(HeaderChanges(set=changes)))))
+            elif phase == "request_headers":
+                yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+            elif phase == "request_body":
+                yield _REQUEST_BODY_OK
 
     @staticmethod
     async def _request_headers(session: RequestSession, headers: pb.HttpHeaders) -> pb.ProcessingResponse:

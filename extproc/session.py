@@ -10,6 +10,7 @@ the request exactly once however it ends.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Mapping, Protocol
@@ -18,6 +19,8 @@ import orjson
 
 from .api import Api, Endpoint, endpoint_for_path, error_body
 from .keys import KeyUnavailable, UpstreamKey, WorkerKeys
+from .limiter.account import AccountLimiter
+from .limiter.admission import Permit, Rejected
 from .request_body import RequestInfo
 from .response_body import ResponseBody
 from .usage import ResponseFacts
@@ -115,6 +118,7 @@ class Gateway:
     estimator: Estimator
     clock: Callable[[], float] = time.monotonic
     count_tokens: bool = True
+    limiter: AccountLimiter | None = None
 
 
 def client_token(headers: Mapping[str, str]) -> str | None:
@@ -155,6 +159,8 @@ class RequestSession:
     response: ResponseBody | None = None
     usage_injected: bool = False
     _input_count: asyncio.Future[int] | None = None
+    permit: Permit | None = None
+    charged_tokens: int = 0  # what the worker's token budget was charged at admission
     _done: bool = field(default=False)
     _tokens_expected: bool = False  # the request went upstream, so it may have cost tokens
 
@@ -199,6 +205,28 @@ class RequestSession:
             return BodyChange(new_body, HeaderChanges(set=(("content-length", str(len(new_body))),)))
         return None
 
+    def must_wait(self) -> bool:
+        """Whether admission may queue (Envoy's message timeout then needs extending)."""
+        limiter = self.gateway.limiter
+        return limiter is not None and self._tokens_expected and limiter.will_wait()
+
+    async def admit(self) -> ImmediateReply | None:
+        """Hold the request until the account has room; a 429 in the client's format if not."""
+        limiter = self.gateway.limiter
+        if limiter is None or not self._tokens_expected or self.endpoint is Endpoint.COUNT_TOKENS:
+            return None
+        if limiter.budget_for(self.worker) is not None and self._input_count is not None:
+            self.charged_tokens = await self._input_estimate()
+        try:
+            self.permit = await limiter.admit(self.worker, self.charged_tokens)
+        except Rejected as rejection:
+            self._tokens_expected = False
+            reply = self._reply(429, "rate_limit", rejection.message, details=f"zai_proxy_{rejection.reason}")
+            retry_after = str(max(1, math.ceil(rejection.retry_after)))
+            return ImmediateReply(reply.status, reply.body, reply.headers + (("retry-after", retry_after),),
+                                  reply.details)
+        return None
+
     def on_response_headers(self, headers: Mapping[str, str], end_of_stream: bool) -> None:
         self.status = int(headers.get(":status", "0") or 0)
         streaming = "text/event-stream" in headers.get("content-type", "")
@@ -217,6 +245,9 @@ class RequestSession:
         if self._done:
             return None
         self._done = True
+        if self.permit is not None:
+            # First, and whatever happens below: the slot goes back exactly once.
+            await self.permit.release(None)
         status = self.status if self.status is not None else CLIENT_CLOSED
         facts = self.response.facts if self.response is not None else ResponseFacts()
         requested = self.info.model if self.info is not None else None
@@ -226,6 +257,9 @@ class RequestSession:
                     and self.endpoint is not Endpoint.COUNT_TOKENS)
         tokens = await self._settle(facts) if billable else None
         first = facts.first_token_at
+        if self.permit is not None and self.gateway.limiter is not None and self.charged_tokens:
+            actual = tokens.input + tokens.output if tokens is not None else 0
+            await self.gateway.limiter.settle_budget(self.worker, self.charged_tokens, actual)
         return self.gateway.recorder.record(Outcome(
             endpoint=self.endpoint, worker=self.worker, request_id=self.request_id, status=status,
             duration=max(0.0, self.gateway.clock() - self.started), completed=completed,
@@ -274,6 +308,7 @@ class RequestSession:
         return HeaderChanges(set=(("authorization", f"Bearer {key}"), identity),
                              remove=("x-api-key",) + internal)
 
-    def _reply(self, status: int, kind: str, message: str) -> ImmediateReply:
+    def _reply(self, status: int, kind: str, message: str, details: str | None = None) -> ImmediateReply:
         self.status = status
-        return ImmediateReply(status, error_body(self.api, kind, message), details=f"zai_proxy_{kind}")
+        return ImmediateReply(status, error_body(self.api, kind, message),
+                              details=details or f"zai_proxy_{kind}")

@@ -10,7 +10,9 @@ the request was admitted, *that request included*.
   (`min(value, L) * beta`), once per burst: refusals within `cooldown` of the first count as one
   reaction, made with the burst's lowest load.
 - The load of each counted refusal is folded into `ceiling` (an EWMA). The limit rises again
-  additively (+1 per `value` successes, as TCP does) but only up to `hold = ceiling - margin`.
+  additively, by 1/value per success (about +1 per `value` successes, as TCP does), but only
+  while the limit is full (a success below it proves nothing) and only up to
+  `hold = ceiling - margin`.
 - After `probe_interval` (jittered, doubling after each refused probe up to `probe_interval_max`)
   the limit probes one request above the hold. `probe_successes` successes at that load raise the
   ceiling by one; a refusal puts the limit back to the hold. Probes are the only way the ceiling
@@ -312,6 +314,6 @@ def _parse_snapshot(state: Any) -> tuple[float, float | None, float | None, floa
     except (KeyError, TypeError, ValueError):
         return None
     numbers = [n for n in (value, updated_at, ceiling, ceiling_at) if n is not None]
-    if not all(math.isfinite(n) for n in numbers) or value <= 0 or (ceiling or 1) <= 0:
+    if not all(math.isfinite(n) for n in numbers) or value <= 0 or (ceiling is not None and ceiling <= 0):
         return None
     return value, ceiling, ceiling_at, updated_at

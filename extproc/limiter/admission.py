@@ -142,8 +142,9 @@ class Admission:
         limit = self.concurrency.allowed()
         if not await self.store.acquire_slot(self.account, lease_id, limit, now, self.lease_ttl):
             return None
-        rate = max(self.rate.value, 1e-3)
-        wait = await self.store.take_start(self.account, rate, max(1.0, rate), now)
+        per_second = self.rate.value / 60.0  # the rate limit is learned in requests per minute
+        # A burst of a few seconds' worth: agents start in bursts, and 1303 is per unit of time.
+        wait = await self.store.take_start(self.account, per_second, max(1.0, per_second * 5), now)
         if wait > 0:
             await self.store.release_slot(self.account, lease_id)
             self._schedule(wait)

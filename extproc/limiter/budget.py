@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 DEFAULT_WORKER = "*"
-_EPSILON = 1e-9  # float slack so waiting exactly the returned time is always enough
+# A shortfall that refills within a microsecond counts as none: epoch-second floats are only
+# precise to ~0.2 us, so waiting exactly the returned time must always be enough.
+_SLACK_SECONDS = 1e-6
 
 
 class TokenBucket:
@@ -50,7 +52,7 @@ class TokenBucket:
         """
         self._refill(now)
         need = min(amount, self.capacity)
-        if self._level + _EPSILON >= need:
+        if self._level + _SLACK_SECONDS * self.refill_per_second >= need:
             return 0.0
         return (need - self._level) / self.refill_per_second
 
