@@ -208,7 +208,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("EXTPROC_MESSAGE_TIMEOUT_MS", "extproc_message_timeout_ms", parse_positive_int, "2000",
             "EXTPROC_MESSAGE_TIMEOUT_MS=2000",
             "How long Envoy waits for the ext_proc's answer to one message before failing the request."),
-    Setting("MAX_RETRIES", "max_retries", parse_non_negative_int, "4", "MAX_RETRIES=4",
+    Setting("MAX_RETRIES", "max_retries", parse_non_negative_int, "8", "MAX_RETRIES=8",
             "Envoy retries of a failed attempt: connect failures, Z.AI 429s worth retrying "
             "(1302, 1303, 1305) and 5xx, with backoff honouring retry-after; never quota errors."),
     Setting("LOG_LEVEL", "log_level", parse_log_level, "INFO", "LOG_LEVEL=INFO", "Log verbosity."),
@@ -225,6 +225,9 @@ SETTINGS: tuple[Setting, ...] = (
             "The learned concurrency limit never goes below this."),
     Setting("RATE_LIMIT_MAX", "rate_limit_max", parse_positive_int, "20", "RATE_LIMIT_MAX=20",
             "The learned concurrency limit never goes above this."),
+    Setting("RATE_LIMIT_PROBE_SECONDS", "rate_limit_probe_seconds", parse_seconds, "15",
+            "RATE_LIMIT_PROBE_SECONDS=15",
+            "How long the limits hold under a learned ceiling before probing one step above it."),
     Setting("START_RATE_INITIAL", "start_rate_initial", parse_positive_int, "300",
             "START_RATE_INITIAL=300",
             "Requests started per minute before the limiter has learned anything (1303 teaches it)."),
@@ -274,7 +277,7 @@ class Settings:
     max_request_body_bytes: int = 33554432
     stream_idle_timeout: float = 900.0
     extproc_message_timeout_ms: int = 2000
-    max_retries: int = 4
+    max_retries: int = 8
     log_level: str = "INFO"
     token_counting: bool = True
     model_labels: tuple[str, ...] = tuple(DEFAULT_MODEL_LABELS.split(","))
@@ -282,6 +285,7 @@ class Settings:
     rate_limit_initial: int = 3
     rate_limit_min: int = 1
     rate_limit_max: int = 20
+    rate_limit_probe_seconds: float = 15.0
     start_rate_initial: int = 300
     start_rate_min: int = 12
     start_rate_max: int = 3000

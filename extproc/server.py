@@ -62,6 +62,7 @@ def build_limiter(settings: Settings, account: str, metrics: LimiterMetrics) -> 
         max_wait=settings.queue_timeout, max_queue=settings.queue_max,
         # A lease outliving the longest stream Envoy allows belongs to a lost release.
         lease_ttl=settings.max_stream_seconds + 60,
+        probe_interval=settings.rate_limit_probe_seconds,
         state_file=None if settings.redis_url else settings.limiter_state_file,
         budgets=budgets), store, metrics.hooks())
 

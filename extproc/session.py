@@ -229,6 +229,8 @@ class RequestSession:
 
     def on_response_headers(self, headers: Mapping[str, str], end_of_stream: bool) -> None:
         self.status = int(headers.get(":status", "0") or 0)
+        if self.permit is not None and 200 <= self.status < 300:
+            self.permit.mark_answered()
         streaming = "text/event-stream" in headers.get("content-type", "")
         self.response = ResponseBody(self.api, streaming, self.usage_injected and streaming)
 

@@ -42,6 +42,7 @@ class LimiterSettings:
     max_wait: float
     max_queue: int
     lease_ttl: float
+    probe_interval: float
     state_file: str | None
     budgets: dict[str, BudgetConfig]
 
@@ -64,10 +65,12 @@ class AccountLimiter:
         rng = rng or random.Random()
         self.concurrency = AdaptiveLimit(AdaptiveParams(
             initial=settings.initial, minimum=settings.minimum, maximum=settings.maximum,
-            state_ttl=STATE_TTL), rng)
+            probe_interval=settings.probe_interval,
+            probe_interval_max=max(settings.probe_interval, 120.0), state_ttl=STATE_TTL), rng)
         self.rate = AdaptiveLimit(AdaptiveParams(
             initial=settings.rate_initial, minimum=settings.rate_minimum,
-            maximum=settings.rate_maximum, state_ttl=STATE_TTL), rng)
+            maximum=settings.rate_maximum, probe_interval=settings.probe_interval,
+            probe_interval_max=max(settings.probe_interval, 120.0), state_ttl=STATE_TTL), rng)
         self.gate = QuotaGate()
         self.hooks = hooks or AdmissionHooks()
         self._report_adjusted = self.hooks.adjusted

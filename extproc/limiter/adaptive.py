@@ -7,8 +7,10 @@ time of day, so no fixed limit is right. `AdaptiveLimit` is used twice: for requ
 the request was admitted, *that request included*.
 
 - A refusal at load L proves capacity <= L - 1. The limit falls multiplicatively
-  (`min(value, L) * beta`), once per burst: refusals within `cooldown` of the first count as one
-  reaction, made with the burst's lowest load.
+  (`min(value, L) * beta`), once per burst: refusals within `cooldown` of a decrease are ignored
+  (they answer requests admitted before it), and so is a refusal at a load above the current
+  value (admitted under an older, higher limit). If capacity really is lower still, the next
+  refusal after the cooldown says so.
 - The load of each counted refusal is folded into `ceiling` (an EWMA). The limit rises again
   additively, by 1/value per success (about +1 per `value` successes, as TCP does), but only
   while the limit is full (a success below it proves nothing) and only up to
@@ -30,7 +32,7 @@ from __future__ import annotations
 import enum
 import math
 import random
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 SNAPSHOT_VERSION = 1
@@ -96,7 +98,7 @@ START_RATE_PARAMS = AdaptiveParams(initial=10.0, minimum=1.0, maximum=100.0)
 
 @dataclass(slots=True)
 class _Learned:
-    """Everything a refusal changes (copied before a burst, so a lower refusal can redo it)."""
+    """What the limit has learned; forgotten as a whole on reset or with its ceiling."""
 
     value: float
     ceiling: float | None = None  # smoothed load at which the account refused
@@ -107,14 +109,6 @@ class _Learned:
     next_probe_at: float | None = None
 
 
-@dataclass(slots=True)
-class _Burst:
-    at: float
-    load: float  # lowest refused load seen in this burst
-    before: _Learned
-    jitter: float
-
-
 class AdaptiveLimit:
     """One adaptive limit (concurrency or start rate). Not thread-safe: one owner calls it."""
 
@@ -123,7 +117,7 @@ class AdaptiveLimit:
         self.params = params if params is not None else AdaptiveParams()
         self._rng = rng if rng is not None else random.Random()
         self._s = self._fresh()
-        self._burst: _Burst | None = None
+        self._last_down_at: float | None = None
         self._updated_at: float | None = None
         self.increases = 0
         self.decreases = 0
@@ -165,7 +159,7 @@ class AdaptiveLimit:
             # The limit was not what held traffic back: this proves nothing about capacity.
             return Adjustment.NONE
         if self._s.probe_level is not None:
-            return self._probe_success(now)
+            return self._probe_success(now, self._s.probe_level)
         hold = self.hold
         if self._s.value < hold:
             before = self.allowed()
@@ -182,26 +176,20 @@ class AdaptiveLimit:
     def on_throttle(self, now: float, observed_load: float) -> Adjustment:
         """The account refused (1302 for concurrency, 1303 for rate) at `observed_load`."""
         self._touch(now)
-        burst = self._burst
-        if burst is not None:
-            if observed_load < burst.load:
-                # Same burst, lower refusal: redo its one reaction with the better evidence.
-                burst.load = observed_load
-                self._s = replace(burst.before)
-                self._react(burst.at, observed_load, burst.jitter)
-            return Adjustment.NONE
-        if observed_load > self.allowed():
+        last = self._last_down_at
+        if last is not None and now - last < self.params.cooldown:
+            return Adjustment.NONE  # same burst: one reaction per overshoot
+        if observed_load > self._s.value + _EPSILON:
             return Adjustment.NONE  # admitted under an older, higher limit: already reacted
-        jitter = self._draw_jitter()
-        self._burst = _Burst(now, observed_load, replace(self._s), jitter)
-        self._react(now, observed_load, jitter)
+        self._last_down_at = now
+        self._react(now, observed_load)
         self.decreases += 1
         return Adjustment.DOWN
 
     def reset(self) -> None:
         """Forget everything learned (admin action)."""
         self._s = self._fresh()
-        self._burst = None
+        self._last_down_at = None
 
     # --- persistence ---------------------------------------------------------------------
 
@@ -237,7 +225,7 @@ class AdaptiveLimit:
                 learned.next_probe_at = now + self._interval(0, self._draw_jitter())
         self._s = learned
         learned.value = self._clip(min(value, self.hold))
-        self._burst = None
+        self._last_down_at = None
         self._updated_at = updated_at
         return True
 
@@ -254,11 +242,9 @@ class AdaptiveLimit:
         if s.ceiling is not None and now - s.ceiling_at > self.params.ceiling_ttl:
             # Unconfirmed for that long, the ceiling likely belongs to another time of day.
             self._s = _Learned(value=min(s.value, self.params.maximum))
-        if self._burst is not None and now - self._burst.at >= self.params.cooldown:
-            self._burst = None
         self._updated_at = now if self._updated_at is None else max(self._updated_at, now)
 
-    def _react(self, at: float, load: float, jitter: float) -> None:
+    def _react(self, at: float, load: float) -> None:
         s, p = self._s, self.params
         probe_refused = s.probe_level is not None and load >= s.probe_level
         s.ceiling = load if s.ceiling is None else s.ceiling + p.smoothing * (load - s.ceiling)
@@ -269,7 +255,7 @@ class AdaptiveLimit:
             s.value = min(s.value, load) * p.beta  # refused at or below the limit: it fell
         s.probe_level, s.probe_wins = None, 0
         s.value = self._clip(min(s.value, self.hold))
-        s.next_probe_at = at + self._interval(s.failed_probes, jitter)
+        s.next_probe_at = at + self._interval(s.failed_probes, self._draw_jitter())
 
     def _start_probe(self) -> Adjustment:
         level = self.allowed() + 1
@@ -278,14 +264,13 @@ class AdaptiveLimit:
         self.probes += 1
         return Adjustment.PROBE
 
-    def _probe_success(self, now: float) -> Adjustment:
+    def _probe_success(self, now: float, level: int) -> Adjustment:
         s = self._s
-        assert s.probe_level is not None
         s.probe_wins += 1
         if s.probe_wins < self.params.probe_successes:
             return Adjustment.NONE
         # The account took the probe load again and again: there is room at least that high.
-        s.ceiling = max(s.ceiling or 0.0, s.probe_level + self.params.margin)
+        s.ceiling = max(s.ceiling or 0.0, level + self.params.margin)
         s.ceiling_at = now
         s.probe_level, s.probe_wins, s.failed_probes = None, 0, 0
         s.value = self._clip(min(s.value, self.hold))
@@ -314,6 +299,8 @@ def _parse_snapshot(state: Any) -> tuple[float, float | None, float | None, floa
     except (KeyError, TypeError, ValueError):
         return None
     numbers = [n for n in (value, updated_at, ceiling, ceiling_at) if n is not None]
-    if not all(math.isfinite(n) for n in numbers) or value <= 0 or (ceiling is not None and ceiling <= 0):
+    if not all(math.isfinite(n) for n in numbers) or value <= 0:
+        return None
+    if ceiling is not None and ceiling <= 0:
         return None
     return value, ceiling, ceiling_at, updated_at

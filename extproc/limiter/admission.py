@@ -42,6 +42,13 @@ class Permit:
     waited: float
     _admission: "Admission" = field(repr=False)
     released: bool = False
+    answered: bool = False  # Z.AI accepted it (a 2xx started): it occupies a slot there now
+
+    def mark_answered(self) -> None:
+        """The upstream accepted this request; until release it counts as load on the account."""
+        if not self.answered and not self.released:
+            self.answered = True
+            self._admission.answered += 1
 
     async def release(self, signal: Signal | None) -> bool:
         """Give the slot back, feeding the limiter what the upstream said; False if already done."""
@@ -83,6 +90,9 @@ class Admission:
         self.queue: FairQueue[asyncio.Future[Permit]] = FairQueue(max_queue)
         self.in_flight_by_worker: dict[str, int] = {}
         self.in_flight = 0  # this replica's permits
+        # Permits whose request Z.AI accepted and is serving. Admitted requests in Envoy's retry
+        # backoff are not load on the account, so a refusal is judged against this count.
+        self.answered = 0
         self._pumping = False
         self._pump_again = False
         self._timer: asyncio.TimerHandle | None = None
@@ -206,8 +216,10 @@ class Admission:
     # -- release -----------------------------------------------------------------------------
 
     async def _release(self, permit: Permit, signal: Signal | None) -> None:
-        load = self.in_flight
+        load = self.answered
         self.in_flight -= 1
+        if permit.answered:
+            self.answered -= 1
         left = self.in_flight_by_worker.get(permit.worker, 1) - 1
         if left > 0:
             self.in_flight_by_worker[permit.worker] = left
@@ -221,9 +233,13 @@ class Admission:
             self._kick()
 
     def observe(self, signal: Signal, load: int | None = None) -> None:
-        """Feed an upstream answer to the adaptive limits (also used for retried attempts)."""
+        """Feed an upstream answer to the adaptive limits (also used for retried attempts).
+
+        The load is what Z.AI was serving for us: the requests it accepted and is still
+        answering, plus the one it just answered (refused or accepted).
+        """
         now = self.wall()
-        load = self.in_flight if load is None else load
+        load = self.answered + 1 if load is None else load
         if signal is Signal.SUCCESS:
             self._adjusted("concurrency", self.concurrency.on_success(now, load))
             self._adjusted("rate", self.rate.on_success(now, self.rate.value))

@@ -33,7 +33,8 @@ class TokenBucket:
         if not (capacity > 0 and math.isfinite(capacity)):
             raise ValueError(f"capacity must be a positive number, got {capacity!r}")
         if not (refill_per_second > 0 and math.isfinite(refill_per_second)):
-            raise ValueError(f"refill_per_second must be a positive number, got {refill_per_second!r}")
+            raise ValueError(
+                f"refill_per_second must be a positive number, got {refill_per_second!r}")
         self.capacity = float(capacity)
         self.refill_per_second = float(refill_per_second)
         self._level = self.capacity
