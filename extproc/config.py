@@ -228,12 +228,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RATE_LIMIT_PROBE_SECONDS", "rate_limit_probe_seconds", parse_seconds, "15",
             "RATE_LIMIT_PROBE_SECONDS=15",
             "How long the limits hold under a learned ceiling before probing one step above it."),
-    Setting("START_RATE_INITIAL", "start_rate_initial", parse_positive_int, "300",
-            "START_RATE_INITIAL=300",
+    Setting("START_RATE_INITIAL", "start_rate_initial", parse_positive_int, "600",
+            "START_RATE_INITIAL=600",
             "Requests started per minute before the limiter has learned anything (1303 teaches it)."),
     Setting("START_RATE_MIN", "start_rate_min", parse_positive_int, "12", "START_RATE_MIN=12",
             "The learned start rate (requests per minute) never goes below this."),
-    Setting("START_RATE_MAX", "start_rate_max", parse_positive_int, "3000", "START_RATE_MAX=3000",
+    Setting("START_RATE_MAX", "start_rate_max", parse_positive_int, "6000", "START_RATE_MAX=6000",
             "The learned start rate (requests per minute) never goes above this."),
     Setting("QUEUE_TIMEOUT_SECONDS", "queue_timeout", parse_seconds, "120", "QUEUE_TIMEOUT_SECONDS=120",
             "Longest a request waits for a free slot before it gets 429 with retry-after."),
@@ -286,9 +286,9 @@ class Settings:
     rate_limit_min: int = 1
     rate_limit_max: int = 20
     rate_limit_probe_seconds: float = 15.0
-    start_rate_initial: int = 300
+    start_rate_initial: int = 600
     start_rate_min: int = 12
-    start_rate_max: int = 3000
+    start_rate_max: int = 6000
     queue_timeout: float = 120.0
     queue_max: int = 1000
     max_stream_seconds: float = 3600.0
@@ -331,7 +331,7 @@ class Settings:
             raise ConfigError(
                 f"START_RATE_MIN={self.start_rate_min}, START_RATE_INITIAL={self.start_rate_initial}, "
                 f"START_RATE_MAX={self.start_rate_max} must satisfy MIN <= INITIAL <= MAX; for "
-                "example: START_RATE_MIN=12 START_RATE_INITIAL=300 START_RATE_MAX=3000")
+                "example: START_RATE_MIN=12 START_RATE_INITIAL=600 START_RATE_MAX=6000")
         return self
 
     def require_upstream_key(self) -> None:

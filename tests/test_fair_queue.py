@@ -52,3 +52,17 @@ def test_every_item_comes_out_once_and_per_worker_order_holds(ops):
     assert sorted(out) == sorted(i for items in pushed.values() for i in items)
     for worker, items in pushed.items():
         assert [i for i in out if i in items] == items
+
+
+def test_newcomers_go_before_a_busy_worker_even_when_loads_tie():
+    q = FairQueue(100)
+    for i in range(20):
+        q.push("heavy", f"h{i}")
+    in_flight = {}
+    for _ in range(3):  # heavy takes the first three slots
+        worker, _item = q.peek(in_flight)
+        q.pop(worker)
+    for w in "abcde":
+        q.push(w, w)
+    # Heavy's three finish: loads tie at zero, and the newcomers still go first.
+    assert drain(q, {})[:5] == list("abcde")

@@ -71,7 +71,8 @@ class AccountLimiter:
             initial=settings.rate_initial, minimum=settings.rate_minimum,
             maximum=settings.rate_maximum, probe_interval=settings.probe_interval,
             probe_interval_max=max(settings.probe_interval, 120.0), state_ttl=STATE_TTL), rng)
-        self.gate = QuotaGate()
+        # Z.AI's reset time is honoured as given (a floor of 1 s guards against clock skew).
+        self.gate = QuotaGate(minimum_closure=1.0)
         self.hooks = hooks or AdmissionHooks()
         self._report_adjusted = self.hooks.adjusted
         self.hooks.adjusted = self._on_adjusted
@@ -124,8 +125,11 @@ class AccountLimiter:
         """One upstream attempt's outcome (Envoy retries included)."""
         if signal is Signal.QUOTA:
             now = self.wall()
-            until = (quota_reset_at(message or "", now)
-                     or reset_from_retry_after(retry_after, now))
+            until = quota_reset_at(message or "", now)
+            if until is not None:
+                until += 1.0  # Z.AI states the reset to the second: it may happen within it
+            else:
+                until = reset_from_retry_after(retry_after, now)
             until = self.gate.close(until, code or "quota", message or "", now_wall=now)
             info = {"code": code or "quota", "message": message or ""}
             asyncio.ensure_future(self._share_gate(until, info))

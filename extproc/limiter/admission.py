@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -93,6 +94,7 @@ class Admission:
         # Permits whose request Z.AI accepted and is serving. Admitted requests in Envoy's retry
         # backoff are not load on the account, so a refusal is judged against this count.
         self.answered = 0
+        self._starts: deque[float] = deque()  # start times in the last minute: the rate's load
         self._pumping = False
         self._pump_again = False
         self._timer: asyncio.TimerHandle | None = None
@@ -109,7 +111,7 @@ class Admission:
                 self.hooks.queue_wait(0.0)
                 return permit
         waiter: asyncio.Future[Permit] = asyncio.get_running_loop().create_future()
-        if not self.queue.push(worker, waiter):
+        if not self.queue.push(worker, waiter, self.in_flight_by_worker.get(worker, 0)):
             raise self._reject("queue_full", self.max_wait,
                                "zai-proxy: too many requests are already waiting for the Z.AI "
                                "account; retry after the time in retry-after.")
@@ -161,6 +163,7 @@ class Admission:
             return None
         self.in_flight += 1
         self.in_flight_by_worker[worker] = self.in_flight_by_worker.get(worker, 0) + 1
+        self._starts.append(now)
         return Permit(lease_id, worker, 0.0, self)
 
     # -- the queue pump ----------------------------------------------------------------------
@@ -242,11 +245,17 @@ class Admission:
         load = self.answered + 1 if load is None else load
         if signal is Signal.SUCCESS:
             self._adjusted("concurrency", self.concurrency.on_success(now, load))
-            self._adjusted("rate", self.rate.on_success(now, self.rate.value))
+            self._adjusted("rate", self.rate.on_success(now, self._recent_starts(now)))
         elif signal is Signal.CONCURRENCY:
             self._adjusted("concurrency", self.concurrency.on_throttle(now, load))
         elif signal is Signal.FREQUENCY:
-            self._adjusted("rate", self.rate.on_throttle(now, self.rate.value))
+            self._adjusted("rate", self.rate.on_throttle(now, self._recent_starts(now)))
+
+    def _recent_starts(self, now: float) -> int:
+        """Requests started in the last minute (the rate limit is per minute)."""
+        while self._starts and self._starts[0] < now - 60.0:
+            self._starts.popleft()
+        return len(self._starts)
 
     def _adjusted(self, kind: str, adjustment: Adjustment | None) -> None:
         if adjustment is not None and adjustment is not Adjustment.NONE:

@@ -1,8 +1,9 @@
 """Waiting requests, served fairly across workers.
 
-The next request to get a free slot comes from the worker with the fewest requests in flight
-(ties: round-robin in order of arrival), so one worker with 20 parallel calls cannot starve five
-workers with one call each. Pure bookkeeping: no clocks, no I/O; the admission controller
+The next request to get a free slot comes from the worker with the fewest requests in flight;
+among those, the one served least since it started waiting, then the earliest to arrive. So one
+worker with 20 parallel calls cannot starve five workers with one call each: each of them is
+admitted before the busy worker gets another slot. Pure bookkeeping: no clocks, no I/O; the admission controller
 decides when a slot is free.
 """
 
@@ -20,6 +21,7 @@ T = TypeVar("T")
 class _Lane(Generic[T]):
     worker: str
     items: deque[T] = field(default_factory=deque)
+    served: int = 0  # admissions since the lane formed: the less served go first
     turn: int = 0  # when this lane was last served (or joined): older turns go first
 
 
@@ -37,13 +39,16 @@ class FairQueue(Generic[T]):
     def full(self) -> bool:
         return self._size >= self.max_waiting
 
-    def push(self, worker: str, item: T) -> bool:
-        """Queue `item` for `worker`; False when the queue is full."""
+    def push(self, worker: str, item: T, in_flight: int = 0) -> bool:
+        """Queue `item` for `worker` (who has `in_flight` requests admitted already); False when
+        the queue is full."""
         if self.full:
             return False
         lane = self._lanes.get(worker)
         if lane is None:
-            lane = self._lanes[worker] = _Lane(worker, turn=next(self._turns))
+            # Requests admitted without waiting count as served: a busy worker's first queued
+            # request must not outrank a newcomer's.
+            lane = self._lanes[worker] = _Lane(worker, served=in_flight, turn=next(self._turns))
         lane.items.append(item)
         self._size += 1
         return True
@@ -80,6 +85,7 @@ class FairQueue(Generic[T]):
         item = lane.items.popleft()
         self._size -= 1
         lane.turn = next(self._turns)
+        lane.served += 1
         if not lane.items:
             del self._lanes[worker]
         return item
@@ -89,5 +95,6 @@ class FairQueue(Generic[T]):
 
     @staticmethod
     def _before(a: _Lane[T], b: _Lane[T], in_flight: dict[str, int]) -> bool:
-        load_a, load_b = in_flight.get(a.worker, 0), in_flight.get(b.worker, 0)
-        return load_a < load_b or (load_a == load_b and a.turn < b.turn)
+        key_a = (in_flight.get(a.worker, 0), a.served, a.turn)
+        key_b = (in_flight.get(b.worker, 0), b.served, b.turn)
+        return key_a < key_b
