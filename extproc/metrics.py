@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from . import __version__
+from .limiter.signals import classify
 from .session import Outcome
 
 # LLM requests run from sub-second to many minutes.
@@ -22,12 +23,15 @@ TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30
 
 OTHER = "other"
 # Z.AI business codes (see ARCHITECTURE.md) and Anthropic/OpenAI error types worth a label.
-KNOWN_ERROR_CODES = frozenset({"1000", "1001", "1002", "1003", "1113", "1210", "1213", "1214",
-                               "1302", "1303", "1304", "1305", "1308", "1309"})
-KNOWN_ERROR_TYPES = frozenset({
-    "overloaded_error", "api_error", "rate_limit_error", "invalid_request_error",
-    "authentication_error", "permission_error", "not_found_error", "request_too_large",
-    "timeout_error", "error", *KNOWN_ERROR_CODES})
+KNOWN_ERROR_CODES = frozenset({"1000", "1001", "1002", "1003", "1110", "1112", "1113", "1121",
+                               "1210", "1213", "1214", "1302", "1303", "1304", "1305", "1308",
+                               "1309", "1310"})
+
+
+def code_label(code: str | None) -> str:
+    if code is None:
+        return "none"
+    return code if code in KNOWN_ERROR_CODES else OTHER
 
 
 class Metrics:
@@ -52,8 +56,9 @@ class Metrics:
         self.cost = Counter("zai_proxy_estimated_cost_usd", "Estimated cost from the price table.",
                             ("deployment_variant", "model"), registry=r)
         self.upstream_errors = Counter(
-            "zai_proxy_upstream_errors", "Errors reported by Z.AI in a body or stream, by type "
-            "and Z.AI business code.", ("deployment_variant", "error_type", "code"), registry=r)
+            "zai_proxy_upstream_errors", "Errors from Z.AI — every failed attempt (Envoy retries "
+            "included) and errors inside a 200 stream — by class and Z.AI business code.",
+            ("deployment_variant", "error_class", "code"), registry=r)
         self.in_progress = Gauge("zai_proxy_requests_in_progress", "Requests being processed now.",
                                  ("deployment_variant",), registry=r).labels(variant)
         build = Gauge("zai_proxy_build_info", "Build information (value is always 1).",
@@ -91,11 +96,13 @@ class Metrics:
             self._child(self.ttft, model).observe(outcome.time_to_first_token)
         if cost:
             self._child(self.cost, model).inc(cost)
-        if outcome.error_type is not None or outcome.error_code is not None:
-            err_type = outcome.error_type if outcome.error_type in KNOWN_ERROR_TYPES else OTHER
-            code = outcome.error_code if outcome.error_code in KNOWN_ERROR_CODES else (
-                "none" if outcome.error_code is None else OTHER)
-            self._child(self.upstream_errors, err_type, code).inc()
+        if outcome.status < 400 and (outcome.error_type or outcome.error_code):
+            # An error event inside a successful stream; failed attempts are counted per attempt.
+            signal = classify(outcome.status, outcome.error_code, outcome.error_type)
+            self.upstream_error(signal.value, outcome.error_code)
+
+    def upstream_error(self, error_class: str, code: str | None) -> None:
+        self._child(self.upstream_errors, error_class, code_label(code)).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

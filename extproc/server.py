@@ -20,6 +20,7 @@ from .keys import KeyUnavailable, UpstreamKey, WorkerKeys, fingerprint
 from .limiter.account import AccountLimiter, LimiterSettings, load_budgets
 from .limiter.failover import FailoverStore
 from .limiter.redis_store import RedisStore
+from .limiter.signals import Signal
 from .limiter.store import LimiterStore, LocalStore
 from .metrics import LimiterMetrics, Metrics
 from .pricing import PriceTable
@@ -105,6 +106,8 @@ class Service:
     def on_attempt(self, verdict: AttemptVerdict) -> None:
         self.limiter_metrics.attempts.labels(self.settings.deployment_variant,
                                              verdict.signal.value).inc()
+        if verdict.signal is not Signal.SUCCESS:
+            self.metrics.upstream_error(verdict.signal.value, verdict.code)
         self.limiter.on_attempt(verdict.signal, verdict.code, verdict.message, verdict.retry_after)
 
     def secrets(self) -> list[str]:

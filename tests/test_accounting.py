@@ -187,7 +187,7 @@ def test_error_event_after_200_is_an_upstream_error(counted, emulator_options):
     line = usage_line(counted, rid)
     assert line["status"] == 200 and line["error_type"] == "overloaded_error"
     assert 'zai_proxy_upstream_errors_total{code="none",deployment_variant="production",' \
-           'error_type="overloaded_error"}' in counted.metrics_text()
+           'error_class="overloaded"}' in counted.metrics_text()
 
 
 def test_time_to_first_token_histogram(counted, emulator_options):

@@ -65,9 +65,12 @@ def test_metrics_bound_models_and_split_estimated_tokens():
 def test_upstream_error_labels_are_bounded():
     metrics = Metrics("production", [])
     reporter = Reporter(metrics, PriceTable(), "production")
+    # A failed attempt is counted by the attempt observer, not again for the relayed answer.
     reporter.record(outcome("x", None, status=429, error_type="1302", error_code="1302"))
-    reporter.record(outcome("x", None, status=500, error_type="weird<script>", error_code="99999"))
+    metrics.upstream_error("concurrency", "1302")
+    # An error event after a 200, with a code nobody knows.
+    reporter.record(outcome("x", Tokens(), status=200, error_type="weird<script>", error_code="99999"))
     text = metrics.exposition().decode()
-    assert sample("zai_proxy_upstream_errors_total", text, error_type="1302", code="1302") == 1
-    assert sample("zai_proxy_upstream_errors_total", text, error_type="other", code="other") == 1
-    assert "weird" not in text
+    assert sample("zai_proxy_upstream_errors_total", text, error_class="concurrency", code="1302") == 1
+    assert sample("zai_proxy_upstream_errors_total", text, error_class="server_error", code="other") == 1
+    assert "weird" not in text and "99999" not in text
