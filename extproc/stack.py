@@ -59,7 +59,8 @@ class LocalStack:
         config = write_envoy_config(self.settings, self.run_dir / "envoy.yaml")
         envoy = await self.group.start("envoy", [
             envoy_binary(), "-c", str(config), "--log-level", self.envoy_log_level,
-            "--disable-hot-restart", "--component-log-level", "upstream:error"], self.env)
+            "--disable-hot-restart", "--file-flush-interval-msec", "500",
+            "--component-log-level", "upstream:error"], self.env)
         await wait_http_ok(f"{self.listener_url}/health", timeout, envoy)
 
     async def start_emulator(self) -> Emulator:
