@@ -211,22 +211,7 @@ class OpenAIStream:
         return True
 
     def delivered_text(self) -> str:
-        texts: list[str] = []
-        for raw in self._deltas.parts:
-            doc = _loads(raw)
-            choices = doc.get("choices") if isinstance(doc, dict) else None
-            for choice in choices if isinstance(choices, list) else ():
-                delta = choice.get("delta") if isinstance(choice, dict) else None
-                if not isinstance(delta, dict):
-                    continue
-                for key in ("reasoning_content", "content"):
-                    if isinstance(delta.get(key), str):
-                        texts.append(delta[key])
-                for call in delta.get("tool_calls") or ():
-                    function = call.get("function") if isinstance(call, dict) else None
-                    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                        texts.append(function["arguments"])
-        return "".join(texts)
+        return "".join(_openai_choices_text(_loads(raw), "delta") for raw in self._deltas.parts)
 
 
 def facts_from_json(api: Api, body: bytes) -> tuple[ResponseFacts, str]:
@@ -245,7 +230,7 @@ def facts_from_json(api: Api, body: bytes) -> tuple[ResponseFacts, str]:
         text = _anthropic_content_text(doc.get("content"))
     else:
         openai_usage(doc.get("usage"), facts.usage)
-        text = _openai_message_text(doc.get("choices"))
+        text = _openai_choices_text(doc, "message")
     facts.complete = True
     facts.output_final = facts.usage.output is not None
     return facts, text
@@ -264,17 +249,19 @@ def _anthropic_content_text(content: Any) -> str:
     return "".join(parts)
 
 
-def _openai_message_text(choices: Any) -> str:
-    parts: list[str] = []
+def _openai_choices_text(doc: Any, part: str) -> str:
+    """Text of every choice's `part` ("delta" in a chunk, "message" in a whole response)."""
+    choices = doc.get("choices") if isinstance(doc, dict) else None
+    texts: list[str] = []
     for choice in choices if isinstance(choices, list) else ():
-        message = choice.get("message") if isinstance(choice, dict) else None
+        message = choice.get(part) if isinstance(choice, dict) else None
         if not isinstance(message, dict):
             continue
         for key in ("reasoning_content", "content"):
             if isinstance(message.get(key), str):
-                parts.append(message[key])
+                texts.append(message[key])
         for call in message.get("tool_calls") or ():
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                parts.append(function["arguments"])
-    return "".join(parts)
+                texts.append(function["arguments"])
+    return "".join(texts)

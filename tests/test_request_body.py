@@ -11,6 +11,7 @@ from extproc.api import Api
 from extproc.request_body import (IMAGE_TOKENS, MESSAGE_OVERHEAD_TOKENS, PDF_MIN_TOKENS,
                                   REPLY_PRIMING_TOKENS, compact_json, parse_request,
                                   parse_request_async, pdf_tokens)
+from spies import SpyExecutor
 
 
 def body(**doc):
@@ -255,14 +256,6 @@ def test_openai_unknown_part_counts_as_json():
 # -- async ----------------------------------------------------------------------------------------
 
 
-class SpyExecutor(concurrent.futures.ThreadPoolExecutor):
-    def __init__(self):
-        super().__init__(max_workers=1)
-        self.submitted = 0
-
-    def submit(self, *args, **kwargs):
-        self.submitted += 1
-        return super().submit(*args, **kwargs)
 
 
 async def test_parse_request_async_uses_the_executor_only_for_big_bodies():

