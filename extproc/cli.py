@@ -40,17 +40,21 @@ def cmd_serve(_: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from .envoy_config import write
+    import yaml
+
+    from .envoy_config import render, render_routes, write, write_routes
 
     settings = Settings.from_env()
-    if args.output == "-":
-        import yaml
-
-        from .envoy_config import render
-
+    if args.routes:
+        doc = render_routes(settings)
+        if args.output == "-":
+            sys.stdout.write(yaml.safe_dump(doc, sort_keys=False))
+        else:
+            write_routes(Path(args.output), doc)
+    elif args.output == "-":
         sys.stdout.write(yaml.safe_dump(render(settings), sort_keys=False))
     else:
-        write(settings, Path(args.output))
+        write(settings, Path(args.output))  # also the routes file, unless one exists
     return 0
 
 
@@ -60,7 +64,7 @@ def cmd_up(_: argparse.Namespace) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="zai-proxy-"))
     try:
         # Paced like a real model, so a person trying it sees tokens stream in.
-        stack = LocalStack(os.environ, run_dir,
+        stack = LocalStack(os.environ, run_dir, variants=("production", "canary"),
                            emulator_args=["--first-event-delay", "0.3", "--event-interval", "0.05"])
         return asyncio.run(_up(stack)) if uvloop is None else uvloop.run(_up(stack))
     finally:
@@ -115,6 +119,45 @@ async def _up(stack: "LocalStack") -> int:  # type: ignore[name-defined]  # noqa
     return code
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    import time
+
+    from . import weights
+    from .envoy_config import routes_path
+
+    settings = Settings.from_env()
+    if args.routes_dir:
+        settings = Settings.from_env({**os.environ, "ENVOY_ROUTES_DIR": args.routes_dir})
+    path = routes_path(settings)
+    try:
+        if args.action == "show":
+            current = weights.split(weights.load(path))
+        else:
+            percent = 0 if args.action == "fallback" else args.percent
+            note = "fallback to production" if args.action == "fallback" else "zai-proxy weights set"
+            current = weights.apply(path, percent, note)
+    except weights.RoutesError as exc:
+        sys.stderr.write(f"zai-proxy weights: refused: {exc}\n(the routes in force are unchanged)\n")
+        return 2
+    sys.stdout.write(f"split: production {100 - current.canary_percent:g}% / canary "
+                     f"{current.canary_percent:g}% on {current.routes} routes\n"
+                     f"routes file: {path}\nlast change: {current.version}\n")
+    serving = weights.envoy_version(settings.envoy_admin_port)
+    deadline = time.monotonic() + (3.0 if args.action != "show" else 0.0)
+    while serving is not None and serving != current.version and time.monotonic() < deadline:
+        time.sleep(0.1)
+        serving = weights.envoy_version(settings.envoy_admin_port)
+    if serving is None:
+        sys.stdout.write("Envoy: not reachable on its admin port; cannot confirm what it serves\n")
+    elif serving == current.version:
+        sys.stdout.write("Envoy: serving these routes\n")
+    else:
+        sys.stdout.write(f"Envoy: still serving {serving!r} — it refused the file (see its log); "
+                         "the last good routes stay in force\n")
+        return 1
+    return 0
+
+
 def cmd_emulator(args: argparse.Namespace) -> int:
     from .emulator.__main__ import main as emulator_main
 
@@ -129,7 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the ext_proc service alone").set_defaults(func=cmd_serve)
     render = sub.add_parser("render-envoy", help="write the Envoy bootstrap for this configuration")
     render.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
+    render.add_argument("--routes", action="store_true",
+                        help="write the routes file (weights from CANARY_WEIGHT) instead")
     render.set_defaults(func=cmd_render)
+    weights = sub.add_parser("weights", help="show or change the production/canary split live")
+    weights.add_argument("--routes-dir", help="ENVOY_ROUTES_DIR of the running gateway")
+    actions = weights.add_subparsers(dest="action", required=True)
+    actions.add_parser("show", help="the current split, the last change, and what Envoy serves")
+    set_parser = actions.add_parser("set", help="send PERCENT of split traffic to the canary")
+    set_parser.add_argument("percent", type=int)
+    actions.add_parser("fallback", help="send everything to production at once")
+    weights.set_defaults(func=cmd_weights)
     emulator = sub.add_parser("emulator", help="run the Z.AI emulator (see --help after it)",
                               add_help=False)
     emulator.add_argument("rest", nargs=argparse.REMAINDER)

@@ -142,6 +142,13 @@ def parse_host(raw: str) -> str:
     return value
 
 
+def parse_percent(raw: str) -> int:
+    value = parse_int(raw)
+    if not 0 <= value <= 100:
+        raise ValueError("must be a whole percent from 0 to 100")
+    return value
+
+
 def parse_list(raw: str) -> tuple[str, ...]:
     items = tuple(item.strip().lower() for item in raw.split(",") if item.strip())
     if not items:
@@ -151,6 +158,8 @@ def parse_list(raw: str) -> tuple[str, ...]:
 
 DEFAULT_STATE_FILE = os.path.join(
     os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "zai-proxy", "limiter.json")
+DEFAULT_ROUTES_DIR = os.path.join(
+    os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "zai-proxy", "routes")
 DEFAULT_MODEL_LABELS = "glm-4.7,glm-4.6,glm-4.5,glm-4.5-air,glm-4.5-flash,glm-5,glm-4.6v"
 
 
@@ -194,6 +203,19 @@ SETTINGS: tuple[Setting, ...] = (
             "gRPC port of the ext_proc service."),
     Setting("EXTPROC_ADMIN_PORT", "extproc_admin_port", parse_port, "8081", "EXTPROC_ADMIN_PORT=8081",
             "HTTP port of the ext_proc's /health and /metrics."),
+    Setting("CANARY_EXTPROC_HOST", "canary_extproc_host", parse_host, "127.0.0.1",
+            "CANARY_EXTPROC_HOST=zai-proxy-canary-extproc",
+            "Where Envoy finds the canary variant's ext_proc service."),
+    Setting("CANARY_EXTPROC_GRPC_PORT", "canary_extproc_grpc_port", parse_port, "50052",
+            "CANARY_EXTPROC_GRPC_PORT=50052", "gRPC port of the canary ext_proc."),
+    Setting("CANARY_EXTPROC_ADMIN_PORT", "canary_extproc_admin_port", parse_port, "8082",
+            "CANARY_EXTPROC_ADMIN_PORT=8082", "HTTP port of the canary ext_proc's /health and /metrics."),
+    Setting("CANARY_WEIGHT", "canary_weight", parse_percent, "0", "CANARY_WEIGHT=10",
+            "Percent of split traffic sent to the canary when the routes file is first written "
+            "(then `zai-proxy weights` or an edit of the routes file changes it live)."),
+    Setting("ENVOY_ROUTES_DIR", "envoy_routes_dir", parse_text, DEFAULT_ROUTES_DIR,
+            "ENVOY_ROUTES_DIR=/etc/envoy/routes",
+            "Directory of Envoy's live routes file (routes.yaml, weights included), watched by Envoy."),
     Setting("EXTPROC_BIND_ADDRESS", "extproc_bind_address", parse_host, "127.0.0.1",
             "EXTPROC_BIND_ADDRESS=0.0.0.0", "Address the ext_proc's gRPC and admin servers bind."),
     Setting("UPSTREAM_CA_FILE", "upstream_ca_file", parse_text, "/etc/ssl/certs/ca-certificates.crt",
@@ -273,6 +295,11 @@ class Settings:
     extproc_grpc_port: int = 50051
     extproc_admin_port: int = 8081
     extproc_bind_address: str = "127.0.0.1"
+    canary_extproc_host: str = "127.0.0.1"
+    canary_extproc_grpc_port: int = 50052
+    canary_extproc_admin_port: int = 8082
+    canary_weight: int = 0
+    envoy_routes_dir: str = DEFAULT_ROUTES_DIR
     upstream_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
     max_request_body_bytes: int = 33554432
     stream_idle_timeout: float = 900.0

@@ -1,12 +1,20 @@
-"""Render the Envoy bootstrap in `envoy/` from the configuration.
+"""Render the Envoy bootstrap and the live routes file from `envoy/` and the configuration.
 
-`envoy/envoy.yaml` is the single source of truth; this fills its ${...} placeholders, adapts the
-upstream clusters to the URL scheme (TLS or plain http) and host kind (name or IP), and expands
-`envoy/local_replies.yaml` into local-reply mappers for both API formats.
+`envoy/envoy.yaml` is the single source of truth, written for one deployment variant. This fills
+its ${...} placeholders, adapts the upstream clusters to the URL scheme (TLS or plain http) and
+host kind (name or IP), expands `envoy/local_replies.yaml` into local-reply mappers for both API
+formats, and expands the variants:
+
+- every ext_proc and Z.AI cluster exists once per variant (`extproc_canary`, `zai_anthropic_canary`,
+  ...); each Z.AI cluster carries the per-attempt ext_proc filter of its own variant;
+- the template's `route_config` becomes the routes file Envoy watches (RDS from a file), with a
+  weighted split between the variants (sticky per worker: hashed on its credential), and
+  entrances pinned to one variant under `/production/...` and `/canary/...`.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from string import Template
@@ -18,6 +26,17 @@ from .config import Settings, UpstreamUrl
 
 ENVOY_DIR = Path(os.environ.get("ZAI_PROXY_ENVOY_DIR", Path(__file__).resolve().parent.parent / "envoy"))
 OPENAI_PATH_PREFIX = "/v1/chat/completions"
+VARIANTS = ("production", "canary")
+DEFAULT_VARIANT = "production"
+ROUTES_FILE = "routes.yaml"
+ROUTE_CONFIG_NAME = "gateway"
+PER_VARIANT_CLUSTERS = ("extproc", "extproc_admin", "zai_anthropic", "zai_openai")
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+ROUTE_CONFIG_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+# Sticky variant: the same credential hashes to the same variant while the weights hold.
+STICKY_HASH = [{"header": {"header_name": "authorization"}},
+               {"header": {"header_name": "x-api-key"}}]
 
 
 def _seconds(value: float) -> str:
@@ -50,16 +69,112 @@ def placeholders(settings: Settings) -> dict[str, str]:
     return {k: str(v) for k, v in values.items()}
 
 
-def render(settings: Settings) -> dict[str, Any]:
+def _template(settings: Settings) -> tuple[dict[str, Any], dict[str, str]]:
     values = placeholders(settings)
     text = Template((ENVOY_DIR / "envoy.yaml").read_text()).substitute(values)
-    bootstrap: dict[str, Any] = yaml.safe_load(text)
+    return yaml.safe_load(text), values
+
+
+def _hcm(bootstrap: dict[str, Any]) -> dict[str, Any]:
+    return bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def routes_path(settings: Settings) -> Path:
+    return Path(settings.envoy_routes_dir) / ROUTES_FILE
+
+
+def render(settings: Settings) -> dict[str, Any]:
+    """The bootstrap: listeners and clusters; routes come from the watched routes file."""
+    bootstrap, values = _template(settings)
+    hcm = _hcm(bootstrap)
+    hcm["local_reply_config"]["mappers"].extend(local_reply_mappers(values))
+    router = hcm["http_filters"][-1]["typed_config"]
+    attempt_filters = router.pop("upstream_http_filters")
     clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
     _adapt_upstream(clusters["zai_anthropic"], settings.anthropic_url)
     _adapt_upstream(clusters["zai_openai"], settings.openai_url)
-    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["local_reply_config"]["mappers"].extend(local_reply_mappers(values))
+    bootstrap["static_resources"]["clusters"] = _variant_clusters(clusters, attempt_filters, settings)
+    hcm["http_filters"][0]["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = \
+        f"extproc_{DEFAULT_VARIANT}"
+    hcm.pop("route_config")
+    directory = str(Path(settings.envoy_routes_dir).resolve())
+    hcm["rds"] = {"route_config_name": ROUTE_CONFIG_NAME, "config_source": {
+        "resource_api_version": "V3",
+        "path_config_source": {"path": f"{directory}/{ROUTES_FILE}",
+                               "watched_directory": {"path": directory}}}}
     return bootstrap
+
+
+def _variant_clusters(clusters: dict[str, Any], attempt_filters: list[dict[str, Any]],
+                      settings: Settings) -> list[dict[str, Any]]:
+    out = [c for name, c in clusters.items() if name not in PER_VARIANT_CLUSTERS]
+    canary_ports = {"extproc": settings.canary_extproc_grpc_port,
+                    "extproc_admin": settings.canary_extproc_admin_port}
+    for variant in VARIANTS:
+        for name in PER_VARIANT_CLUSTERS:
+            cluster = copy.deepcopy(clusters[name])
+            cluster["name"] = cluster["load_assignment"]["cluster_name"] = f"{name}_{variant}"
+            address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+            if variant == "canary" and name in canary_ports:
+                address["socket_address"] = {"address": settings.canary_extproc_host,
+                                             "port_value": canary_ports[name]}
+            if name.startswith("zai_"):
+                filters = copy.deepcopy(attempt_filters)
+                filters[0]["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = f"extproc_{variant}"
+                cluster["typed_extension_protocol_options"][HTTP_OPTIONS]["http_filters"] = filters
+            out.append(cluster)
+    return out
+
+
+def _extproc_override(variant: str) -> dict[str, Any]:
+    return {EXT_PROC_FILTER: {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+        "overrides": {"grpc_service": {"envoy_grpc": {"cluster_name": f"extproc_{variant}"}}}}}
+
+
+def render_routes(settings: Settings, canary_weight: int | None = None,
+                  version: str = "initial") -> dict[str, Any]:
+    """The routes file: a DiscoveryResponse holding the RouteConfiguration Envoy watches."""
+    bootstrap, _ = _template(settings)
+    template = _hcm(bootstrap)["route_config"]
+    weight = settings.canary_weight if canary_weight is None else canary_weight
+    routes: list[dict[str, Any]] = []
+    for route in template["virtual_hosts"][0]["routes"]:
+        routes.extend(_expand_route(route, weight))
+    template["virtual_hosts"][0]["routes"] = routes
+    template["name"] = ROUTE_CONFIG_NAME
+    return {"version_info": version, "resources": [{"@type": ROUTE_CONFIG_TYPE, **template}]}
+
+
+def _expand_route(route: dict[str, Any], canary_weight: int) -> list[dict[str, Any]]:
+    route = copy.deepcopy(route)  # YAML aliases share one dict between routes
+    action = route.get("route")
+    if action is None:  # a direct response
+        return [route]
+    cluster = action.pop("cluster")
+    match = route["match"]
+    key = next(iter(match))
+    pinned = []
+    for variant in VARIANTS:
+        entry = copy.deepcopy(route)
+        entry["name"] = f"{route['name']}_{variant}"
+        entry["match"] = {key: f"/{variant}{match[key]}"}
+        entry["route"]["cluster"] = f"{cluster}_{variant}"
+        if key == "path" and "prefix_rewrite" not in entry["route"]:
+            entry["route"]["prefix_rewrite"] = match[key]
+        if cluster.startswith("zai_"):
+            entry["typed_per_filter_config"] = _extproc_override(variant)
+        pinned.append(entry)
+    split = copy.deepcopy(route)
+    if cluster.startswith("zai_"):
+        split["route"]["weighted_clusters"] = {"use_hash_policy": True, "clusters": [
+            {"name": f"{cluster}_{variant}", "weight": weight,
+             "typed_per_filter_config": _extproc_override(variant)}
+            for variant, weight in (("production", 100 - canary_weight), ("canary", canary_weight))]}
+        split["route"]["hash_policy"] = copy.deepcopy(STICKY_HASH)
+    else:  # /health and /metrics without a prefix: the default variant's ext_proc
+        split["route"]["cluster"] = f"{cluster}_{DEFAULT_VARIANT}"
+    return pinned + [split]
 
 
 def _adapt_upstream(cluster: dict[str, Any], url: UpstreamUrl) -> None:
@@ -104,7 +219,20 @@ def local_reply_mappers(values: dict[str, str]) -> list[dict[str, Any]]:
     return mappers
 
 
-def write(settings: Settings, path: Path) -> Path:
+def write(settings: Settings, path: Path, routes: str = "keep") -> Path:
+    """Write the bootstrap to `path`, and the routes file: `routes="keep"` leaves an existing
+    one alone (its weights are live state), `"replace"` writes it from CANARY_WEIGHT."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(render(settings), sort_keys=False))
+    target = routes_path(settings)
+    if routes == "replace" or not target.exists():
+        write_routes(target, render_routes(settings))
     return path
+
+
+def write_routes(target: Path, doc: dict[str, Any]) -> None:
+    """Atomically: Envoy reloads on the rename into the watched directory, never half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, target)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 
@@ -64,8 +65,17 @@ def build_limiter(settings: Settings, account: str, metrics: LimiterMetrics) -> 
         # A lease outliving the longest stream Envoy allows belongs to a lost release.
         lease_ttl=settings.max_stream_seconds + 60,
         probe_interval=settings.rate_limit_probe_seconds,
-        state_file=None if settings.redis_url else settings.limiter_state_file,
+        state_file=None if settings.redis_url else _per_variant(settings.limiter_state_file,
+                                                                settings.deployment_variant),
         budgets=budgets), store, metrics.hooks())
+
+
+def _per_variant(path: str, variant: str) -> str:
+    """Variants run as separate processes: each keeps its own state file."""
+    if variant == "production":
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}-{variant}{ext}"
 
 
 class TiktokenEstimator:

@@ -29,8 +29,10 @@ class Emulator:
 
 class LocalStack:
     def __init__(self, env: Mapping[str, str], run_dir: Path, sink: LineSink = print_sink,
-                 emulator_args: Sequence[str] = (), envoy_log_level: str = "warning") -> None:
+                 emulator_args: Sequence[str] = (), envoy_log_level: str = "warning",
+                 variants: Sequence[str] = ("production",)) -> None:
         self.base_env = dict(env)
+        self.variants = tuple(variants)
         self.run_dir = run_dir
         self.group = ProcessGroup(sink)
         self.emulator_args = list(emulator_args)
@@ -55,8 +57,10 @@ class LocalStack:
                 "UPSTREAM_CA_FILE": str(self.run_dir / "emulator-ca.pem"),
             }
         self.settings = Settings.from_env(self.env)
-        await self.start_extproc(timeout)
-        config = write_envoy_config(self.settings, self.run_dir / "envoy.yaml")
+        for variant in self.variants:
+            await self.start_extproc(timeout, variant)
+        # The routes file is written afresh from CANARY_WEIGHT; `zai-proxy weights` edits it live.
+        config = write_envoy_config(self.settings, self.run_dir / "envoy.yaml", routes="replace")
         envoy = await self.group.start("envoy", [
             envoy_binary(), "-c", str(config), "--log-level", self.envoy_log_level,
             "--disable-hot-restart", "--file-flush-interval-msec", "500",
@@ -75,14 +79,21 @@ class LocalStack:
         port = await listening_port(child)
         return Emulator(f"https://{EMULATOR_HOST}:{port}", key, child)
 
-    async def start_extproc(self, timeout: float = 30.0) -> Child:
-        child = await self.group.start("extproc", python_argv("extproc", "serve"), self.env)
-        admin = f"http://127.0.0.1:{self.settings.extproc_admin_port}/health"
-        await wait_http_ok(admin, timeout, child)
+    async def start_extproc(self, timeout: float = 30.0, variant: str = "production") -> Child:
+        env, port = self.env, self.settings.extproc_admin_port
+        if variant != "production":
+            port = self.settings.canary_extproc_admin_port
+            env = self.env | {
+                "DEPLOYMENT_VARIANT": variant,
+                "EXTPROC_GRPC_PORT": str(self.settings.canary_extproc_grpc_port),
+                "EXTPROC_ADMIN_PORT": str(port)}
+        name = "extproc" if variant == "production" else f"extproc-{variant}"
+        child = await self.group.start(name, python_argv("extproc", "serve"), env)
+        await wait_http_ok(f"http://127.0.0.1:{port}/health", timeout, child)
         return child
 
-    async def stop_extproc(self) -> None:
-        await self.group.stop("extproc")
+    async def stop_extproc(self, variant: str = "production") -> None:
+        await self.group.stop("extproc" if variant == "production" else f"extproc-{variant}")
 
     async def stop(self) -> None:
         await self.group.stop_all()

@@ -20,7 +20,7 @@ import httpx2 as httpx
 from extproc.stack import LocalStack
 
 # Settings a developer's shell might carry that would change what the tests run against.
-_SCRUB = ("ZAI_API_KEY", "ZAI_API_KEY_FILE", "ZAI_TARGET_URL", "ZAI_OPENAI_URL", "WORKER_KEYS_FILE",
+_SCRUB = ("ZAI_API_KEY", "ENVOY_ROUTES_DIR", "CANARY_WEIGHT", "ZAI_API_KEY_FILE", "ZAI_TARGET_URL", "ZAI_OPENAI_URL", "WORKER_KEYS_FILE",
           "DEPLOYMENT_VARIANT", "LISTEN_PORT", "LISTEN_ADDRESS", "HTTP_PROXY", "HTTPS_PROXY",
           "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
 
@@ -36,6 +36,7 @@ def stack_env(**overrides: str) -> dict[str, str]:
     env |= {
         "LISTEN_PORT": str(free_port()), "ENVOY_ADMIN_PORT": str(free_port()),
         "EXTPROC_GRPC_PORT": str(free_port()), "EXTPROC_ADMIN_PORT": str(free_port()),
+        "CANARY_EXTPROC_GRPC_PORT": str(free_port()), "CANARY_EXTPROC_ADMIN_PORT": str(free_port()),
         "LOG_LEVEL": "INFO", "NO_PROXY": "*",
     }
     env |= overrides
@@ -43,13 +44,16 @@ def stack_env(**overrides: str) -> dict[str, str]:
 
 
 class StackHandle:
-    def __init__(self, run_dir: Path, env: dict[str, str], emulator_args: Sequence[str] = ()):
+    def __init__(self, run_dir: Path, env: dict[str, str], emulator_args: Sequence[str] = (),
+                 variants: Sequence[str] = ("production",)):
+        env = {"ENVOY_ROUTES_DIR": str(run_dir / "routes"), **env}
         self.logs: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.stack = LocalStack(env, run_dir, self._sink, emulator_args, envoy_log_level="info")
+        self.stack = LocalStack(env, run_dir, self._sink, emulator_args, envoy_log_level="info",
+                                variants=variants)
         self.run_dir = run_dir
 
     def _sink(self, name: str, line: str) -> None:
@@ -74,11 +78,11 @@ class StackHandle:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
 
-    def stop_extproc(self) -> None:
-        self.run(self.stack.stop_extproc())
+    def stop_extproc(self, variant: str = "production") -> None:
+        self.run(self.stack.stop_extproc(variant))
 
-    def start_extproc(self) -> None:
-        self.run(self.stack.start_extproc())
+    def start_extproc(self, variant: str = "production") -> None:
+        self.run(self.stack.start_extproc(variant=variant))
 
     def log_text(self) -> str:
         with self._lock:

@@ -8,17 +8,19 @@ import pytest
 import yaml
 
 from extproc.config import Settings
-from extproc.envoy_config import render, write
+from extproc.envoy_config import render, render_routes, write
 from extproc.processes import envoy_binary
+from extproc.weights import validate
 
 
 def settings(**env: str) -> Settings:
     return Settings.from_env({"ZAI_API_KEY": "k" * 16, **env})
 
 
-def routes(bootstrap):
-    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    return hcm, {r["name"]: r for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}
+def routes(s: Settings):
+    hcm = render(s)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    config = render_routes(s)["resources"][0]
+    return hcm, {r["name"]: r for r in config["virtual_hosts"][0]["routes"]}
 
 
 @pytest.mark.parametrize("env", [
@@ -27,7 +29,8 @@ def routes(bootstrap):
     {"ZAI_OPENAI_URL": "https://api.z.ai/api/paas/v4", "EXTPROC_HOST": "extproc"},
 ])
 def test_envoy_accepts_rendered_config(tmp_path, env):
-    path = write(settings(**env), tmp_path / "envoy.yaml")
+    path = write(settings(ENVOY_ROUTES_DIR=str(tmp_path / "routes"), **env), tmp_path / "envoy.yaml")
+    validate(yaml.safe_load((tmp_path / "routes" / "routes.yaml").read_text()))
     result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -35,7 +38,7 @@ def test_envoy_accepts_rendered_config(tmp_path, env):
 
 def test_real_zai_uses_tls_with_sni_and_certificate_check():
     clusters = {c["name"]: c for c in render(settings())["static_resources"]["clusters"]}
-    tls = clusters["zai_anthropic"]["transport_socket"]["typed_config"]
+    tls = clusters["zai_anthropic_production"]["transport_socket"]["typed_config"]
     assert tls["sni"] == "api.z.ai"
     validation = tls["common_tls_context"]["validation_context"]
     assert validation["match_typed_subject_alt_names"][0]["matcher"]["exact"] == "api.z.ai"
@@ -45,11 +48,11 @@ def test_real_zai_uses_tls_with_sni_and_certificate_check():
 def test_plain_http_upstream_has_no_tls():
     clusters = {c["name"]: c for c in render(settings(
         ZAI_TARGET_URL="http://10.1.2.3:8000/x"))["static_resources"]["clusters"]}
-    assert "transport_socket" not in clusters["zai_anthropic"]
+    assert "transport_socket" not in clusters["zai_anthropic_canary"]
 
 
 def test_no_timeout_cuts_a_ten_minute_stream_and_big_bodies_fit():
-    hcm, by_name = routes(render(settings()))
+    hcm, by_name = routes(settings())
     assert hcm["request_timeout"] == "0s"
     assert float(hcm["stream_idle_timeout"].rstrip("s")) >= 600
     for name in ("anthropic_prefixed", "anthropic", "openai"):
@@ -60,13 +63,13 @@ def test_no_timeout_cuts_a_ten_minute_stream_and_big_bodies_fit():
 
 
 def test_rewrites_keep_upstream_base_paths():
-    _, by_name = routes(render(settings(ZAI_OPENAI_URL="https://api.z.ai/api/paas/v4")))
+    _, by_name = routes(settings(ZAI_OPENAI_URL="https://api.z.ai/api/paas/v4"))
     assert by_name["anthropic"]["route"]["prefix_rewrite"] == "/api/anthropic/v1/messages"
     assert by_name["openai"]["route"]["prefix_rewrite"] == "/api/paas/v4/chat/completions"
 
 
 def test_every_local_reply_case_has_both_formats():
-    hcm, _ = routes(render(settings()))
+    hcm, _ = routes(settings())
     mappers = hcm["local_reply_config"]["mappers"]
     bodies = [m["body_format_override"]["json_format"] for m in mappers[1:]]
     openai_bodies = [b for b in bodies if "type" not in b]
@@ -74,3 +77,24 @@ def test_every_local_reply_case_has_both_formats():
     assert len(openai_bodies) == len(anthropic_bodies) == len(bodies) // 2
     assert all(b["error"]["message"].startswith("zai-proxy:") for b in bodies)
     assert "$" not in yaml.safe_dump(mappers)
+
+
+def test_variants_split_sticky_and_pinned():
+    _, by_name = routes(settings(CANARY_WEIGHT="10", CANARY_EXTPROC_HOST="canary-host"))
+    split = by_name["anthropic"]["route"]
+    assert split["weighted_clusters"]["use_hash_policy"] is True
+    weights = {c["name"]: c["weight"] for c in split["weighted_clusters"]["clusters"]}
+    assert weights == {"zai_anthropic_production": 90, "zai_anthropic_canary": 10}
+    assert {h["header"]["header_name"] for h in split["hash_policy"]} == {"authorization", "x-api-key"}
+    pinned = by_name["anthropic_canary"]
+    assert pinned["match"] == {"path_separated_prefix": "/canary/v1/messages"}
+    assert pinned["route"]["cluster"] == "zai_anthropic_canary"
+    override = pinned["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["overrides"]
+    assert override["grpc_service"]["envoy_grpc"]["cluster_name"] == "extproc_canary"
+    clusters = {c["name"]: c for c in render(settings(CANARY_EXTPROC_HOST="canary-host"))
+                ["static_resources"]["clusters"]}
+    address = clusters["extproc_canary"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert address["endpoint"]["address"]["socket_address"]["address"] == "canary-host"
+    attempt = clusters["zai_openai_canary"]["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"][0]
+    assert attempt["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == "extproc_canary"
