@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # The zai-proxy image: the ext_proc service (`serve`, the default), the Envoy config renderer
 # (`render-envoy -o /etc/envoy/envoy.yaml`) and the Z.AI emulator (`python -m extproc.emulator`).
 # Envoy itself runs from the official image (envoyproxy/envoy); see compose.yaml.
@@ -28,15 +26,17 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     ZAI_PROXY_ENVOY_DIR=/opt/zai-proxy/envoy
-RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install -r /wheels/requirements.txt \
- && pip install --no-deps /wheels/*.whl
+COPY --from=build /wheels /tmp/wheels
+RUN pip install -r /tmp/wheels/requirements.txt \
+ && pip install --no-deps /tmp/wheels/*.whl \
+ && rm -rf /tmp/wheels
 COPY envoy/ /opt/zai-proxy/envoy/
 
 # Non-root. /etc/envoy is where compose's renderer writes the bootstrap (a named volume, whose
-# first mount copies this directory's ownership and mode): writable by whichever uid renders.
+# first mount copies this directory, its mode included): writable by whichever uid renders.
+# routes/ is the mount point of the routes directory, made here so it exists in that volume.
 RUN useradd --create-home --uid 10001 --user-group zai-proxy \
- && install -d -m 0777 /etc/envoy
+ && install -d -m 0777 /etc/envoy /etc/envoy/routes
 USER zai-proxy
 WORKDIR /home/zai-proxy
 
