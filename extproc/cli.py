@@ -191,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["emulator"]:
+        # The emulator has its own parser; argparse would take its --flags for ours.
+        from .emulator.cli import main as emulator_main
+
+        return emulator_main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

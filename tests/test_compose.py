@@ -29,13 +29,13 @@ PROMETHEUS_FILE = ROOT / "deploy" / "compose" / "prometheus.yml"
 EMULATOR_ENV = ROOT / "deploy" / "compose" / "emulator.env"
 
 DEFAULTS = {s.env: s.default for s in SETTINGS}
-# Settings being added alongside this file (accepted even before config.py declares them).
+# The canary settings compose relies on: a rename in config.py must show up here.
 NEW_SETTINGS = {"CANARY_EXTPROC_HOST", "CANARY_EXTPROC_GRPC_PORT", "CANARY_EXTPROC_ADMIN_PORT",
                 "ENVOY_ROUTES_DIR", "CANARY_WEIGHT"}
-KNOWN_CONTAINER_ENV = set(DEFAULTS) | NEW_SETTINGS | {"ZAI_EMULATOR_KEY"}
+KNOWN_CONTAINER_ENV = set(DEFAULTS) | {"ZAI_EMULATOR_KEY"}
 # Variables compose.yaml interpolates that are for compose itself, not for a container.
 COMPOSE_ONLY_VARS = {"PUBLISH_ADDRESS", "ZAI_PROXY_UID", "ZAI_PROXY_GID"}
-ONE_SHOT = {"envoy-config"}
+ONE_SHOT = {"envoy-config", "weights"}  # run to completion, by `up` or by `docker compose run`
 # What a user's shell or .env supplies for `${VAR:?...}` when the tests interpolate.
 USER_ENV = {"ZAI_API_KEY": "test-key-not-real"}
 
@@ -98,13 +98,24 @@ def is_zai_proxy(service: dict[str, Any]) -> bool:
     return "build" in service
 
 
-def uses_zai_proxy_cli(service: dict[str, Any]) -> bool:
-    return is_zai_proxy(service) and "entrypoint" not in service
-
-
 def command(service: dict[str, Any]) -> list[str]:
     cmd = service.get("command", [])
     return shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
+
+
+def cli_argv(service: dict[str, Any]) -> list[str] | None:
+    """The arguments the service gives the `zai-proxy` console script, if it runs it."""
+    if not is_zai_proxy(service):
+        return None
+    entrypoint = service.get("entrypoint")
+    if entrypoint is None:
+        return command(service)
+    entrypoint = shlex.split(entrypoint) if isinstance(entrypoint, str) else list(entrypoint)
+    return entrypoint[1:] + command(service) if entrypoint[:1] == ["zai-proxy"] else None
+
+
+def uses_zai_proxy_cli(service: dict[str, Any]) -> bool:
+    return cli_argv(service) is not None
 
 
 def published(service: dict[str, Any]) -> list[tuple[str, int, int]]:
@@ -140,7 +151,7 @@ def variant_services(svcs: dict[str, dict[str, Any]]) -> dict[str, str]:
     """deployment variant -> ext_proc service name."""
     out = {}
     for name, svc in svcs.items():
-        if uses_zai_proxy_cli(svc) and command(svc)[:1] == ["serve"]:
+        if cli_argv(svc) == ["serve"]:
             out[setting(environment(svc), "DEPLOYMENT_VARIANT")] = name
     return out
 
@@ -286,6 +297,7 @@ def test_depends_on_names_services_that_exist_and_are_started_with_it():
 
 
 def test_container_environment_uses_only_known_settings_and_parses():
+    assert NEW_SETTINGS <= set(DEFAULTS), f"config.py lacks {sorted(NEW_SETTINGS - set(DEFAULTS))}"
     svcs = services()
     for name, svc in svcs.items():
         if not is_zai_proxy(svc):
@@ -373,8 +385,41 @@ def test_long_running_services_have_health_checks_and_restart_policies():
 def test_commands_are_accepted_by_the_cli():
     svcs = services()
     for name, svc in svcs.items():
-        if uses_zai_proxy_cli(svc):
-            cli_parser().parse_args(command(svc))  # SystemExit on an unknown command or flag
+        argv = cli_argv(svc)
+        if argv is not None:
+            cli_parser().parse_args(argv)  # SystemExit on an unknown command or flag
+    # What the usage comment tells people to run (`docker compose run --rm SERVICE ARGS...`
+    # replaces the command, keeps the entrypoint).
+    text = COMPOSE_FILE.read_text()
+    runs = re.findall(r"^#\s+docker compose run --rm (\S+) ?([^#\n]*)", text, re.M)
+    assert runs
+    for name, args in runs:
+        assert name in svcs, f"the usage comment runs unknown service {name}"
+        service = dict(svcs[name], command=shlex.split(args)) if args.strip() else svcs[name]
+        argv = cli_argv(service)
+        assert argv is not None, f"{name} does not run zai-proxy"
+        args = cli_parser().parse_args(argv)
+        if getattr(args, "routes", False):  # render-envoy --routes: must hit the watched file
+            env = environment(svcs[name])
+            expected = Path(env["ENVOY_ROUTES_DIR"]) / getattr(envoy_config, "ROUTES_FILE", "routes.yaml")
+            assert Path(args.output) == expected, f"{name} writes routes to {args.output}, not {expected}"
+
+
+def test_weights_tool_edits_the_routes_envoy_watches_and_asks_envoys_admin():
+    svcs = services()
+    tool = svcs["weights"]
+    assert cli_argv(tool)[:1] == ["weights"]  # type: ignore[index]
+    assert tool.get("profiles"), "`up` must not run the weights tool"
+    # Envoy's loopback admin port is reachable only from inside Envoy's network namespace.
+    assert tool["network_mode"] == "service:envoy"
+    env = environment(tool)
+    bootstrap = rendered(renderer_env(svcs))
+    assert int(setting(env, "ENVOY_ADMIN_PORT")) == int(bootstrap["admin"]["address"]["socket_address"]["port_value"])
+    routes_dir = setting(env, "ENVOY_ROUTES_DIR")
+    assert routes_dir == renderer_env(svcs)["ENVOY_ROUTES_DIR"]
+    tool_mounts = {t: (s, ro) for s, t, ro in bind_mounts(tool)}
+    envoy_mounts = {t: s for s, t, _ in bind_mounts(svcs["envoy"])}
+    assert tool_mounts[routes_dir] == (envoy_mounts[routes_dir], False), "weights must write the routes Envoy reads"
 
 
 # -------------------------------------------------------------------- rendered Envoy bootstrap
