@@ -58,7 +58,8 @@ def test_limit_learns_the_cap_and_no_429_reaches_workers(learning):
     stats = learning.emulator("GET", "/_emulator/stats").json()
     assert stats["max_in_flight"] <= 3
     state = limiter_state(learning)
-    assert 2 <= state["concurrency_limit"] <= 3, state
+    held = state["concurrency_limit"] - (1 if state["concurrency_probing"] else 0)
+    assert 2 <= held <= 3, state  # a probe (every ~1 s here) may be testing one step above
     assert state["in_flight"] == 0 and state["queued"] == 0
 
 

@@ -175,6 +175,8 @@ class AccountLimiter:
             "store": self.store.name,
             "concurrency_limit": self.concurrency.allowed(),
             "concurrency_value": round(self.concurrency.value, 3),
+            # Between probes the limit holds here; while probing it is one step above.
+            "concurrency_probing": self.concurrency.probing,
             "concurrency_ceiling": self.concurrency.ceiling,
             "start_rate_limit": round(self.rate.value, 3),
             "start_rate_ceiling": self.rate.ceiling,
