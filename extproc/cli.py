@@ -142,11 +142,15 @@ def cmd_weights(args: argparse.Namespace) -> int:
     sys.stdout.write(f"split: production {100 - current.canary_percent:g}% / canary "
                      f"{current.canary_percent:g}% on {current.routes} routes\n"
                      f"routes file: {path}\nlast change: {current.version}\n")
+    if args.offline:
+        return 0
     serving = weights.envoy_version(settings.envoy_admin_port)
     deadline = time.monotonic() + (3.0 if args.action != "show" else 0.0)
     while serving is not None and serving != current.version and time.monotonic() < deadline:
         time.sleep(0.1)
-        serving = weights.envoy_version(settings.envoy_admin_port)
+        if args.offline:
+        return 0
+    serving = weights.envoy_version(settings.envoy_admin_port)
     if serving is None:
         sys.stdout.write("Envoy: not reachable on its admin port; cannot confirm what it serves\n")
     elif serving == current.version:
@@ -177,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     render.set_defaults(func=cmd_render)
     weights = sub.add_parser("weights", help="show or change the production/canary split live")
     weights.add_argument("--routes-dir", help="ENVOY_ROUTES_DIR of the running gateway")
+    weights.add_argument("--offline", action="store_true",
+                         help="edit a routes file only (e.g. deploy/shared in git); do not ask Envoy")
     actions = weights.add_subparsers(dest="action", required=True)
     actions.add_parser("show", help="the current split, the last change, and what Envoy serves")
     set_parser = actions.add_parser("set", help="send PERCENT of split traffic to the canary")
