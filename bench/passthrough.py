@@ -1,0 +1,82 @@
+"""A minimal pass-through ext_proc: the cost of the approach, without the gateway's logic.
+
+It serves Envoy's `ExternalProcessor` on the port the production ext_proc uses and answers every
+phase (request headers, buffered request body, response headers, streamed response body chunks,
+and the per-attempt observer's response headers) with an empty response of the matching kind: no
+header mutation, no body change, no metadata. It also serves the gRPC health service, so Envoy's
+health check on the `extproc_*` clusters passes exactly as with the real ext_proc. Same runtime
+as the real one: grpc.aio on uvloop, same message size limits.
+
+    .venv/bin/python bench/passthrough.py --port 50051
+
+Used by `bench/gateway.py` (set-up "passthrough"); it prints one JSON line with the port when ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from typing import AsyncIterator
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+# One prebuilt answer per phase; `request` oneof name -> the response carrying the same name.
+_ANSWERS = {
+    "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
+    "request_body": pb.ProcessingResponse(request_body=pb.BodyResponse()),
+    "response_headers": pb.ProcessingResponse(response_headers=pb.HeadersResponse()),
+    "response_body": pb.ProcessingResponse(response_body=pb.BodyResponse()),
+    "request_trailers": pb.ProcessingResponse(request_trailers=pb.TrailersResponse()),
+    "response_trailers": pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),
+}
+
+
+class PassThrough(pb_grpc.ExternalProcessorServicer):
+    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
+        answers = _ANSWERS
+        async for request in request_iterator:
+            yield answers[request.WhichOneof("request")]
+
+
+async def serve(host: str, port: int, max_message: int) -> None:
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message),
+                                      ("grpc.max_send_message_length", max_message)])
+    pb_grpc.add_ExternalProcessorServicer_to_server(PassThrough(), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    print(json.dumps({"port": bound}), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--max-message-bytes", type=int, default=33554432 + 65536)
+    args = parser.parse_args()
+    try:
+        import uvloop  # the production ext_proc runs on uvloop too
+        uvloop.run(serve(args.host, args.port, args.max_message_bytes))
+    except ImportError:  # pragma: no cover
+        asyncio.run(serve(args.host, args.port, args.max_message_bytes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
