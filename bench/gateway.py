@@ -36,8 +36,6 @@ import os
 import platform
 import secrets
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +50,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from envoy_floor import write_floor, write_gateway  # noqa: E402
 from extproc.config import Settings  # noqa: E402
-from extproc.processes import _die_with_parent, envoy_binary  # noqa: E402
+from extproc.processes import die_with_parent, envoy_binary, free_port  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MARK = b"event: content_block_delta"
@@ -91,12 +89,6 @@ SCENARIOS = [
 
 # --------------------------------------------------------------------------------- processes
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Proc:
     name: str
@@ -115,7 +107,7 @@ class Processes:
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
         out = open(self.log_dir / f"{name}.log", "wb")
         popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True, preexec_fn=_die_with_parent, cwd=ROOT)
+                                 start_new_session=True, preexec_fn=die_with_parent, cwd=ROOT)
         out.close()
         proc = Proc(name, popen)
         self.procs.append(proc)

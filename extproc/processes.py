@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,13 +27,21 @@ def print_sink(name: str, line: str) -> None:
     sys.stdout.flush()
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel SIGTERM the child if the supervisor dies without cleaning up."""
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Linux (a `preexec_fn`): the kernel sends `sig` to the child if its parent dies without
+    cleaning up."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(1, sig)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def free_port() -> int:
+    """A loopback port free right now (the caller's child binds it soon after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def envoy_binary() -> str:
@@ -67,7 +76,7 @@ class ProcessGroup:
         process = await asyncio.create_subprocess_exec(
             *argv, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True, preexec_fn=_die_with_parent)
+            start_new_session=True, preexec_fn=die_with_parent)
         child = Child(name, process)
         if capture_first_stdout_line:
             child.first_line = asyncio.get_running_loop().create_future()

@@ -112,8 +112,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 elif phase == "request_body":
                     body = request.request_body
                     change = await session.on_request_body(body.body, body.end_of_stream)
-                    if session.must_wait():
-                        yield extend_timeout(self.gateway.limiter.settings.max_wait)  # type: ignore[union-attr]
+                    wait = session.admission_wait()
+                    if wait is not None:
+                        yield extend_timeout(wait)
                     rejection = await session.admit()
                     if rejection is not None:
                         yield immediate(rejection)

@@ -13,7 +13,7 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
 import orjson
 
@@ -27,7 +27,6 @@ from .usage import ResponseFacts
 
 # Headers the gateway uses internally to carry identity or variant: never accepted from clients.
 INTERNAL_HEADER_PREFIX = "x-zai-proxy-"
-CLIENT_AUTH_HEADERS = ("authorization", "x-api-key")
 
 # Status recorded when the client went away before any response (nginx's convention).
 CLIENT_CLOSED = 499
@@ -205,15 +204,23 @@ class RequestSession:
             return BodyChange(new_body, HeaderChanges(set=(("content-length", str(len(new_body))),)))
         return None
 
-    def must_wait(self) -> bool:
-        """Whether admission may queue (Envoy's message timeout then needs extending)."""
+    def _limiter(self) -> AccountLimiter | None:
+        """The limiter, when this request goes through it (count_tokens costs the account nothing)."""
         limiter = self.gateway.limiter
-        return limiter is not None and self._tokens_expected and limiter.will_wait()
+        if limiter is None or not self._tokens_expected or self.endpoint is Endpoint.COUNT_TOKENS:
+            return None
+        return limiter
+
+    def admission_wait(self) -> float | None:
+        """How long admission may hold this request when it will queue (Envoy's message timeout
+        then needs extending); None when it goes at once."""
+        limiter = self._limiter()
+        return limiter.settings.max_wait if limiter is not None and limiter.will_wait() else None
 
     async def admit(self) -> ImmediateReply | None:
         """Hold the request until the account has room; a 429 in the client's format if not."""
-        limiter = self.gateway.limiter
-        if limiter is None or not self._tokens_expected or self.endpoint is Endpoint.COUNT_TOKENS:
+        limiter = self._limiter()
+        if limiter is None:
             return None
         if limiter.budget_for(self.worker) is not None and self._input_count is not None:
             self.charged_tokens = await self._input_estimate()
@@ -221,10 +228,10 @@ class RequestSession:
             self.permit = await limiter.admit(self.worker, self.charged_tokens)
         except Rejected as rejection:
             self._tokens_expected = False
-            reply = self._reply(429, "rate_limit", rejection.message, details=f"zai_proxy_{rejection.reason}")
             retry_after = str(max(1, math.ceil(rejection.retry_after)))
-            return ImmediateReply(reply.status, reply.body, reply.headers + (("retry-after", retry_after),),
-                                  reply.details)
+            return self._reply(429, "rate_limit", rejection.message,
+                               details=f"zai_proxy_{rejection.reason}",
+                               headers=(("retry-after", retry_after),))
         return None
 
     def on_response_headers(self, headers: Mapping[str, str], end_of_stream: bool) -> None:
@@ -310,7 +317,9 @@ class RequestSession:
         return HeaderChanges(set=(("authorization", f"Bearer {key}"), identity),
                              remove=("x-api-key",) + internal)
 
-    def _reply(self, status: int, kind: str, message: str, details: str | None = None) -> ImmediateReply:
+    def _reply(self, status: int, kind: str, message: str, details: str | None = None,
+               headers: tuple[tuple[str, str], ...] = ()) -> ImmediateReply:
         self.status = status
         return ImmediateReply(status, error_body(self.api, kind, message),
-                              details=details or f"zai_proxy_{kind}")
+                              (("content-type", "application/json"),) + headers,
+                              details or f"zai_proxy_{kind}")

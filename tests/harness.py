@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import ssl
 import threading
 from pathlib import Path
@@ -17,18 +16,13 @@ from typing import Any, Sequence
 
 import httpx2 as httpx
 
+from extproc.processes import free_port
 from extproc.stack import LocalStack
 
 # Settings a developer's shell might carry that would change what the tests run against.
 _SCRUB = ("ZAI_API_KEY", "ENVOY_ROUTES_DIR", "CANARY_WEIGHT", "ZAI_API_KEY_FILE", "ZAI_TARGET_URL", "ZAI_OPENAI_URL", "WORKER_KEYS_FILE",
           "DEPLOYMENT_VARIANT", "LISTEN_PORT", "LISTEN_ADDRESS", "HTTP_PROXY", "HTTPS_PROXY",
           "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stack_env(**overrides: str) -> dict[str, str]:

@@ -46,6 +46,7 @@ from extproc import weights
 from extproc.config import SETTINGS, Settings
 from extproc.envoy_config import render, render_routes
 from extproc.keys import parse_key_file, parse_worker_keys
+from extproc.processes import free_port
 from extproc.metrics import LimiterMetrics, Metrics
 from extproc.processes import envoy_binary
 
@@ -850,12 +851,6 @@ def test_drain_reads_the_counts_it_waits_for():
     assert drain.extproc_in_progress(metrics.exposition().decode()) == 0
     metrics.in_progress.inc(2)
     assert drain.extproc_in_progress(metrics.exposition().decode()) == 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class HeldUpstream:

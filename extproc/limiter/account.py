@@ -81,6 +81,7 @@ class AccountLimiter:
                                    lease_ttl=settings.lease_ttl, clock=clock, wall=wall,
                                    hooks=self.hooks)
         self._dirty = False
+        self._shared_seen = 0.0  # `saved_at` of the newest state taken from, or put in, Redis
         self._task: asyncio.Task[None] | None = None
         self._last_reap = 0.0
         self.reclaimed = 0
@@ -261,8 +262,6 @@ class AccountLimiter:
             log.info("limiter state restored", extra={
                 "concurrency_limit": self.concurrency.allowed(),
                 "concurrency_ceiling": self.concurrency.ceiling})
-
-    _shared_seen: float = 0.0
 
     async def _adopt_shared(self) -> None:
         """Another replica learned something: take it over (one learned limit per account)."""
