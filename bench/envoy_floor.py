@@ -3,7 +3,7 @@
 - `write_gateway`: the production bootstrap and routes, unchanged (used by the pass-through and
   the full gateway set-ups: Envoy does the same work in both, only the ext_proc differs);
 - `write_floor`: the same, with every ext_proc removed — the request-level
-  `envoy.filters.http.ext_proc` HTTP filter, the per-attempt observer in each Z.AI cluster's
+  `envoy.filters.http.ext_proc` and `zai_proxy.observer` HTTP filters, the per-attempt observer in each Z.AI cluster's
   `HttpProtocolOptions.http_filters`, every `ExtProcPerRoute` in the routes, and the gRPC health
   checks of the (now unused) ext_proc clusters. Everything else (listener, access log, local
   replies, retries, clusters, RDS from a file) stays as production has it.
@@ -19,7 +19,7 @@ import yaml
 from extproc import envoy_config
 from extproc.config import Settings
 
-EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+EXT_PROC_TYPE = envoy_config.EXT_PROC_TYPE
 
 
 def write_gateway(settings: Settings, path: Path) -> Path:
@@ -44,7 +44,8 @@ def _strip_per_route(node: Any) -> None:
     if isinstance(node, dict):
         per_filter = node.get("typed_per_filter_config")
         if per_filter is not None:
-            per_filter.pop(envoy_config.EXT_PROC_FILTER, None)
+            for name in [n for n, c in per_filter.items() if c.get("@type") == envoy_config.EXT_PROC_PER_ROUTE]:
+                del per_filter[name]
             if not per_filter:
                 del node["typed_per_filter_config"]
         for value in node.values():
@@ -56,7 +57,7 @@ def _strip_per_route(node: Any) -> None:
 
 def strip_routes(doc: dict[str, Any]) -> dict[str, Any]:
     _strip_per_route(doc)
-    assert envoy_config.EXT_PROC_FILTER not in yaml.safe_dump(doc)
+    assert "ExtProcPerRoute" not in yaml.safe_dump(doc)
     return doc
 
 

@@ -55,7 +55,8 @@ from extproc.processes import die_with_parent, envoy_binary, free_port  # noqa: 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MARK = b"event: content_block_delta"
 PATH = "/api/anthropic/v1/messages?beta=true"
-SETUPS = ("floor", "passthrough", "gateway")
+SETUPS = ("floor", "passthrough", "gateway", "passthrough_inline", "gateway_inline")
+DEFAULT_SETUPS = ("floor", "passthrough", "gateway")
 
 
 # --------------------------------------------------------------------------------- scenarios
@@ -203,10 +204,15 @@ async def http_get_ok(port: int, path: str) -> bool:
         writer.close()
 
 
-async def start_setups(procs: Processes, run_dir: Path, emu_port: int, emu_key: str) -> dict[str, Setup]:
+async def start_setups(procs: Processes, run_dir: Path, emu_port: int, emu_key: str,
+                       names: list[str]) -> dict[str, Setup]:
     setups: dict[str, Setup] = {}
     for name in SETUPS:
+        if name not in names and name != "floor":  # the floor is every comparison's base
+            continue
         env = base_env(run_dir, name, emu_port, emu_key)
+        if name.endswith("_inline"):
+            env["RESPONSE_PROCESSING"] = "inline"
         settings = Settings.from_env(env)
         config = run_dir / name / "envoy.yaml"
         if name == "floor":
@@ -214,14 +220,14 @@ async def start_setups(procs: Processes, run_dir: Path, emu_port: int, emu_key: 
             headers = f"x-api-key: {emu_key}\r\n"
         else:
             write_gateway(settings, config)
-            headers = f"x-api-key: {emu_key}\r\n" if name == "passthrough" else \
+            headers = f"x-api-key: {emu_key}\r\n" if name.startswith("passthrough") else \
                 "authorization: Bearer bench-worker-token\r\n"
         setup = Setup(name, settings.listen_port, headers)
-        if name == "passthrough":
-            setup.extproc = procs.start("passthrough", [python(), str(ROOT / "bench" / "passthrough.py"),
-                                                        "--port", str(settings.extproc_grpc_port)], env)
-        elif name == "gateway":
-            setup.extproc = procs.start("extproc", [python(), "-m", "extproc", "serve"], env)
+        if name.startswith("passthrough"):
+            setup.extproc = procs.start(name, [python(), str(ROOT / "bench" / "passthrough.py"),
+                                               "--port", str(settings.extproc_grpc_port)], env)
+        elif name.startswith("gateway"):
+            setup.extproc = procs.start(f"extproc-{name}", [python(), "-m", "extproc", "serve"], env)
             admin = settings.extproc_admin_port
             await wait_until(lambda: http_get_ok(admin, "/health"), "ext_proc", 60, [setup.extproc])
         setup.envoy = procs.start(f"envoy-{name}", envoy_argv(config), env)
@@ -378,10 +384,15 @@ async def run_point(setup: Setup, sc: Scenario, max_requests: int, max_seconds: 
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop_sampling.wait(), 0.25)
 
-    async def worker() -> None:
+    async def worker(k: int) -> None:
         nonlocal issued
         conn = Conn(setup.port)
         try:
+            # Open streams in steady state, not in lockstep: closed-loop workers that all start
+            # together stay in phase (equal stream lengths), so every ext_proc message of a round
+            # would arrive in one burst. Real workers' streams start independently; spread the
+            # first starts over one stream's length.
+            await asyncio.sleep(k * sc.events * sc.interval / sc.concurrency)
             while time.monotonic() < deadline and issued < max_requests:
                 i = issued
                 issued += 1
@@ -405,7 +416,7 @@ async def run_point(setup: Setup, sc: Scenario, max_requests: int, max_seconds: 
     env0, emu0, cli0 = cpu_seconds(setup.envoy.pid), cpu_seconds(emulator.pid), time.process_time()
     sampler = asyncio.create_task(sample())
     t0 = time.perf_counter()
-    workers = [asyncio.create_task(worker()) for _ in range(sc.concurrency)]
+    workers = [asyncio.create_task(worker(k)) for k in range(sc.concurrency)]
     done, pending = await asyncio.wait(workers, timeout=max_seconds + request_timeout + 5)
     for task in pending:  # a hard stop: nothing outlives the point
         task.cancel()
@@ -523,29 +534,31 @@ def targets(results: dict[str, dict[str, dict[str, Any]]], soak: dict[str, Any] 
 
     def verdict(ok: bool) -> str:
         return "**met**" if ok else "**missed**"
-    t = results.get("ttft64")
-    if t and {"floor", "gateway"} <= t.keys():
-        p50 = t["gateway"]["ttft_p50_ms"] - t["floor"]["ttft_p50_ms"]
-        p99 = t["gateway"]["ttft_p99_ms"] - t["floor"]["ttft_p99_ms"]
-        lines.append(f"- TTFT added over Envoy alone at 64 streams, 20 ms events: p50 {p50:+.2f} ms (≤ 2) "
-                     f"{verdict(p50 <= 2)}, p99 {p99:+.2f} ms (≤ 10) {verdict(p99 <= 10)}")
-    s = results.get("sat_short")
-    if s and {"passthrough", "gateway"} <= s.keys():
-        ratio = s["gateway"]["req_per_s"] / s["passthrough"]["req_per_s"]
-        lines.append(f"- Short-stream throughput, gateway / pass-through: {s['gateway']['req_per_s']:.1f} / "
-                     f"{s['passthrough']['req_per_s']:.1f} req/s = {ratio:.0%} (≥ 70%) {verdict(ratio >= 0.7)}")
-    for name in ("long", "ttft64", "sat_short"):
-        s = results.get(name)
-        if s and {"passthrough", "gateway"} <= s.keys() and "extproc_cpu_us_per_event" in s["gateway"]:
-            ratio = s["gateway"]["extproc_cpu_us_per_event"] / s["passthrough"]["extproc_cpu_us_per_event"]
-            lines.append(f"- ext_proc CPU per streamed event ({name}), gateway / pass-through: "
-                         f"{s['gateway']['extproc_cpu_us_per_event']:.1f} / "
-                         f"{s['passthrough']['extproc_cpu_us_per_event']:.1f} µs = {ratio:.2f}x (≤ 1.3x) "
-                         f"{verdict(ratio <= 1.3)}")
-    c = results.get("c1000", {}).get("gateway")
-    if c:
-        lines.append(f"- ext_proc RSS at 1,000 open streams: {c['extproc_rss_max_mb']:.1f} MB (≤ 200) "
-                     f"{verdict(c['extproc_rss_max_mb'] <= 200)}")
+    for gw, pt in (("gateway", "passthrough"), ("gateway_inline", "passthrough_inline")):
+        tag = "" if gw == "gateway" else " [RESPONSE_PROCESSING=inline]"
+        t = results.get("ttft64")
+        if t and {"floor", gw} <= t.keys():
+            p50 = t[gw]["ttft_p50_ms"] - t["floor"]["ttft_p50_ms"]
+            p99 = t[gw]["ttft_p99_ms"] - t["floor"]["ttft_p99_ms"]
+            lines.append(f"- TTFT added over Envoy alone at 64 streams, 20 ms events{tag}: p50 {p50:+.2f} ms "
+                         f"(≤ 2) {verdict(p50 <= 2)}, p99 {p99:+.2f} ms (≤ 10) {verdict(p99 <= 10)}")
+        s = results.get("sat_short")
+        if s and {pt, gw} <= s.keys():
+            ratio = s[gw]["req_per_s"] / s[pt]["req_per_s"]
+            lines.append(f"- Short-stream throughput, gateway / pass-through{tag}: {s[gw]['req_per_s']:.1f} / "
+                         f"{s[pt]['req_per_s']:.1f} req/s = {ratio:.0%} (≥ 70%) {verdict(ratio >= 0.7)}")
+        for name in ("long", "ttft64", "sat_short"):
+            s = results.get(name)
+            if s and {pt, gw} <= s.keys() and "extproc_cpu_us_per_event" in s[gw]:
+                ratio = s[gw]["extproc_cpu_us_per_event"] / s[pt]["extproc_cpu_us_per_event"]
+                lines.append(f"- ext_proc CPU per streamed event ({name}), gateway / pass-through{tag}: "
+                             f"{s[gw]['extproc_cpu_us_per_event']:.1f} / "
+                             f"{s[pt]['extproc_cpu_us_per_event']:.1f} µs = {ratio:.2f}x (≤ 1.3x) "
+                             f"{verdict(ratio <= 1.3)}")
+        c = results.get("c1000", {}).get(gw)
+        if c:
+            lines.append(f"- ext_proc RSS at 1,000 open streams{tag}: {c['extproc_rss_max_mb']:.1f} MB (≤ 200) "
+                         f"{verdict(c['extproc_rss_max_mb'] <= 200)}")
     if soak:
         lines.append(f"- ext_proc RSS growth over a {soak['seconds']:.0f} s soak: {soak['first_mb']:.1f} → "
                      f"{soak['last_mb']:.1f} MB = {soak['growth']:+.1%} (< 5%) {verdict(soak['growth'] < 0.05)}"
@@ -595,7 +608,7 @@ async def main_async(args: argparse.Namespace) -> int:
     scenarios = [s for s in SCENARIOS if not args.only or s.name in args.only]
     try:
         emulator, emu_port, emu_key = await start_emulator(procs)
-        setups = await start_setups(procs, run_dir, emu_port, emu_key)
+        setups = await start_setups(procs, run_dir, emu_port, emu_key, args.setups)
         print(f"# run dir {run_dir}; pids: " + ", ".join(f"{p.name}={p.pid}" for p in procs.procs), flush=True)
         for sc in scenarios:
             max_requests, max_seconds = sc.quick if args.quick else sc.full
@@ -607,10 +620,10 @@ async def main_async(args: argparse.Namespace) -> int:
             for name in args.setups:
                 setup = setups[name]
                 spy = None
-                if args.profile and name == "gateway" and setup.extproc:
+                if args.profile and name.startswith("gateway") and setup.extproc:
                     spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-d",
                                             str(int(args.profile)), "-r", "200", "--nonblocking", "-f", "raw",
-                                            "-o", str(run_dir / f"profile-{sc.name}.txt"),
+                                            "-o", str(run_dir / f"profile-{sc.name}-{name}.txt"),
                                             "--pid", str(setup.extproc.pid)],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 # A short warm-up at the same shape, then the measured point.
@@ -656,8 +669,9 @@ def main() -> int:
     parser.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
                         help="after the scenarios, steady load on the full gateway for SECONDS (600 = target)")
     parser.add_argument("--only", nargs="*", default=[], help="scenario names to run (default: all)")
-    parser.add_argument("--setups", nargs="*", default=list(SETUPS), choices=SETUPS,
-                        help="set-ups to load (all are started; default: all three)")
+    parser.add_argument("--setups", nargs="*", default=list(DEFAULT_SETUPS), choices=SETUPS,
+                        help="set-ups to load (default: floor, passthrough, gateway; the *_inline ones "
+                             "run with RESPONSE_PROCESSING=inline)")
     parser.add_argument("--concurrency", type=int, default=0, help="override every scenario's concurrency")
     parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                         help="py-spy record the full gateway's ext_proc for SECONDS at the start of each "

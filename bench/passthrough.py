@@ -1,9 +1,10 @@
 """A minimal pass-through ext_proc: the cost of the approach, without the gateway's logic.
 
 It serves Envoy's `ExternalProcessor` on the port the production ext_proc uses and answers every
-phase (request headers, buffered request body, response headers, streamed response body chunks,
-and the per-attempt observer's response headers) with an empty response of the matching kind: no
-header mutation, no body change, no metadata. It also serves the gRPC health service, so Envoy's
+phase the production configuration sends (request headers; on inline routes the buffered request
+body, response headers and streamed response chunks; the per-attempt observer's response headers)
+with an empty response of the matching kind: no header mutation, no body change, no metadata. The
+observer's copies of bodies (observability mode) are read and not answered, as Envoy expects. It also serves the gRPC health service, so Envoy's
 health check on the `extproc_*` clusters passes exactly as with the real ext_proc. Same runtime
 as the real one: grpc.aio on uvloop, same message size limits.
 
@@ -26,6 +27,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+OBSERVER_METADATA = ("x-zai-proxy-phase", "observe")
+
 # One prebuilt answer per phase; `request` oneof name -> the response carrying the same name.
 _ANSWERS = {
     "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
@@ -41,6 +44,11 @@ class PassThrough(pb_grpc.ExternalProcessorServicer):
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
         answers = _ANSWERS
+        if OBSERVER_METADATA in (context.invocation_metadata() or ()):
+            # The observer filter (observability mode): Envoy expects no answer.
+            async for request in request_iterator:
+                request.WhichOneof("request")
+            return
         async for request in request_iterator:
             yield answers[request.WhichOneof("request")]
 

@@ -128,6 +128,13 @@ def parse_log_level(raw: str) -> str:
     return value
 
 
+def parse_processing(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("observe", "inline"):
+        raise ValueError("must be observe or inline")
+    return value
+
+
 def parse_text(raw: str) -> str:
     value = raw.strip()
     if not value:
@@ -238,6 +245,13 @@ SETTINGS: tuple[Setting, ...] = (
             "TOKEN_COUNTING_ENABLED=false",
             "Estimate tokens with tiktoken (request input, and output of streams cut before their "
             "usage). Usage Z.AI reports is always recorded."),
+    Setting("RESPONSE_PROCESSING", "response_processing", parse_processing, "observe",
+            "RESPONSE_PROCESSING=inline",
+            "How Anthropic-format traffic passes the ext_proc. `observe`: Envoy mirrors request and "
+            "response bodies to it without waiting (no added latency per streamed event; token "
+            "counts go to the \"Token usage\" log line and metrics). `inline`: every chunk waits "
+            "for the ext_proc, which also puts the final counts into Envoy's access log. OpenAI-"
+            "format traffic is always inline (the gateway may re-frame its stream)."),
     Setting("MODEL_LABELS", "model_labels", parse_list, DEFAULT_MODEL_LABELS,
             "MODEL_LABELS=glm-4.7,glm-4.6",
             "Models that get their own `model` label value; any other model is counted as `other`."),
@@ -307,6 +321,7 @@ class Settings:
     max_retries: int = 8
     log_level: str = "INFO"
     token_counting: bool = True
+    response_processing: str = "observe"
     model_labels: tuple[str, ...] = tuple(DEFAULT_MODEL_LABELS.split(","))
     prices_file: str | None = None
     rate_limit_initial: int = 3

@@ -32,6 +32,14 @@ ROUTES_FILE = "routes.yaml"
 ROUTE_CONFIG_NAME = "gateway"
 PER_VARIANT_CLUSTERS = ("extproc", "extproc_admin", "zai_anthropic", "zai_openai")
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+OBSERVER_FILTER = "zai_proxy.observer"
+EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+# Routes whose bodies pass through the ext_proc inline (it may change them): the request body
+# buffered whole, every response chunk answered before Envoy forwards it.
+INLINE_MODE = {"request_header_mode": "SEND", "response_header_mode": "SEND",
+               "request_body_mode": "BUFFERED", "response_body_mode": "STREAMED",
+               "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 ROUTE_CONFIG_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 # Sticky variant: the same credential hashes to the same variant while the weights hold.
@@ -94,8 +102,10 @@ def render(settings: Settings) -> dict[str, Any]:
     _adapt_upstream(clusters["zai_anthropic"], settings.anthropic_url)
     _adapt_upstream(clusters["zai_openai"], settings.openai_url)
     bootstrap["static_resources"]["clusters"] = _variant_clusters(clusters, attempt_filters, settings)
-    hcm["http_filters"][0]["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = \
-        f"extproc_{DEFAULT_VARIANT}"
+    for http_filter in hcm["http_filters"]:
+        if http_filter["typed_config"]["@type"] == EXT_PROC_TYPE:
+            http_filter["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = \
+                f"extproc_{DEFAULT_VARIANT}"
     hcm.pop("route_config")
     directory = str(Path(settings.envoy_routes_dir).resolve())
     hcm["rds"] = {"route_config_name": ROUTE_CONFIG_NAME, "config_source": {
@@ -120,16 +130,34 @@ def _variant_clusters(clusters: dict[str, Any], attempt_filters: list[dict[str, 
                                              "port_value": canary_ports[name]}
             if name.startswith("zai_"):
                 filters = copy.deepcopy(attempt_filters)
-                filters[0]["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = f"extproc_{variant}"
+                observer = filters[0]["typed_config"]["extension_config"]["typed_config"]
+                observer["grpc_service"]["envoy_grpc"]["cluster_name"] = f"extproc_{variant}"
                 cluster["typed_extension_protocol_options"][HTTP_OPTIONS]["http_filters"] = filters
             out.append(cluster)
     return out
 
 
-def _extproc_override(variant: str) -> dict[str, Any]:
-    return {EXT_PROC_FILTER: {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-        "overrides": {"grpc_service": {"envoy_grpc": {"cluster_name": f"extproc_{variant}"}}}}}
+def _extproc_override(variant: str, inline: bool) -> dict[str, Any]:
+    """Both request-level ext_proc filters of a Z.AI route: sent to the variant's ext_proc, and
+    either the request filter takes the bodies inline (the observer is off) or the observer
+    gets copies of them."""
+    service = {"envoy_grpc": {"cluster_name": f"extproc_{variant}"}}
+    main: dict[str, Any] = {"grpc_service": service}
+    if inline:
+        main["processing_mode"] = INLINE_MODE
+        observer: dict[str, Any] = {"@type": EXT_PROC_PER_ROUTE, "disabled": True}
+    else:
+        # An overriding grpc_service replaces the filter's whole one, its metadata included.
+        observed = {**service, "initial_metadata": [{"key": "x-zai-proxy-phase", "value": "observe"}]}
+        observer = {"@type": EXT_PROC_PER_ROUTE, "overrides": {"grpc_service": observed}}
+    return {EXT_PROC_FILTER: {"@type": EXT_PROC_PER_ROUTE, "overrides": main},
+            OBSERVER_FILTER: observer}
+
+
+def inline_route(cluster: str, settings: Settings) -> bool:
+    """OpenAI streams may be re-framed (usage chunk requested on the client's behalf), so their
+    bodies are always inline; Anthropic ones as RESPONSE_PROCESSING says."""
+    return cluster == "zai_openai" or settings.response_processing == "inline"
 
 
 def render_routes(settings: Settings, canary_weight: int | None = None,
@@ -140,13 +168,13 @@ def render_routes(settings: Settings, canary_weight: int | None = None,
     weight = settings.canary_weight if canary_weight is None else canary_weight
     routes: list[dict[str, Any]] = []
     for route in template["virtual_hosts"][0]["routes"]:
-        routes.extend(_expand_route(route, weight))
+        routes.extend(_expand_route(route, weight, settings))
     template["virtual_hosts"][0]["routes"] = routes
     template["name"] = ROUTE_CONFIG_NAME
     return {"version_info": version, "resources": [{"@type": ROUTE_CONFIG_TYPE, **template}]}
 
 
-def _expand_route(route: dict[str, Any], canary_weight: int) -> list[dict[str, Any]]:
+def _expand_route(route: dict[str, Any], canary_weight: int, settings: Settings) -> list[dict[str, Any]]:
     route = copy.deepcopy(route)  # YAML aliases share one dict between routes
     action = route.get("route")
     if action is None:  # a direct response
@@ -163,13 +191,13 @@ def _expand_route(route: dict[str, Any], canary_weight: int) -> list[dict[str, A
         if key == "path" and "prefix_rewrite" not in entry["route"]:
             entry["route"]["prefix_rewrite"] = match[key]
         if cluster.startswith("zai_"):
-            entry["typed_per_filter_config"] = _extproc_override(variant)
+            entry["typed_per_filter_config"] = _extproc_override(variant, inline_route(cluster, settings))
         pinned.append(entry)
     split = copy.deepcopy(route)
     if cluster.startswith("zai_"):
         split["route"]["weighted_clusters"] = {"use_hash_policy": True, "clusters": [
             {"name": f"{cluster}_{variant}", "weight": weight,
-             "typed_per_filter_config": _extproc_override(variant)}
+             "typed_per_filter_config": _extproc_override(variant, inline_route(cluster, settings))}
             for variant, weight in (("production", 100 - canary_weight), ("canary", canary_weight))]}
         split["route"]["hash_policy"] = copy.deepcopy(STICKY_HASH)
     else:  # /health and /metrics without a prefix: the default variant's ext_proc

@@ -110,7 +110,9 @@ class Service:
         self.limiter_metrics.watch(self.limiter.state, lambda: self.limiter.store.name == "redis")
         self.gateway = Gateway(self.upstream_key, WorkerKeys(settings.worker_keys_file),
                                self.reporter, TiktokenEstimator(TokenCounter()),
-                               count_tokens=settings.token_counting, limiter=self.limiter)
+                               count_tokens=settings.token_counting, limiter=self.limiter,
+                               max_request_body_bytes=settings.max_request_body_bytes,
+                               on_attempt=self.on_attempt)
         self.serving = False
 
     def on_attempt(self, verdict: AttemptVerdict) -> None:

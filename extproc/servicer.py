@@ -23,8 +23,10 @@ from .session import BodyChange, Gateway, HeaderChanges, ImmediateReply, Request
 
 log = logging.getLogger(__name__)
 
-# Envoy's upstream (per-attempt) ext_proc filter announces itself with this gRPC metadata.
+# Envoy's upstream (per-attempt) ext_proc filter and the observer (copies of bodies, answered
+# with nothing) announce themselves with this gRPC metadata (envoy/envoy.yaml).
 PHASE_METADATA = ("x-zai-proxy-phase", "attempt")
+OBSERVER_METADATA = ("x-zai-proxy-phase", "observe")
 
 # Envoy's access log reads the numbers from this dynamic-metadata namespace (envoy/envoy.yaml).
 METADATA_NAMESPACE = "zai_proxy"
@@ -91,7 +93,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
-        if PHASE_METADATA in (context.invocation_metadata() or ()):
+        metadata = context.invocation_metadata() or ()
+        if OBSERVER_METADATA in metadata:
+            await self._observe(request_iterator)
+            return
+        if PHASE_METADATA in metadata:
             async for response in self._attempt(request_iterator):
                 yield response
             return
@@ -108,19 +114,26 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     else:
                         yield await self._response_body(session, replacement, body.end_of_stream)
                 elif phase == "request_headers":
-                    yield await self._request_headers(session, request.request_headers)
+                    result = session.on_request_headers(header_map(request.request_headers))
+                    if isinstance(result, HeaderChanges):
+                        # Admission: the request waits here (before anything goes upstream)
+                        # until the account has room.
+                        wait = session.admission_wait()
+                        if wait is not None:
+                            yield extend_timeout(wait)
+                        rejection = await session.admit()
+                        result = result if rejection is None else rejection
+                    if isinstance(result, ImmediateReply):
+                        yield immediate(result)
+                        await session.complete(completed=True)
+                    else:
+                        yield with_metadata(pb.ProcessingResponse(request_headers=pb.HeadersResponse(
+                            response=pb.CommonResponse(header_mutation=mutation(result)))),
+                            {"session": session.session_id})
                 elif phase == "request_body":
                     body = request.request_body
                     change = await session.on_request_body(body.body, body.end_of_stream)
-                    wait = session.admission_wait()
-                    if wait is not None:
-                        yield extend_timeout(wait)
-                    rejection = await session.admit()
-                    if rejection is not None:
-                        yield immediate(rejection)
-                        await session.complete(completed=True)
-                    else:
-                        yield _REQUEST_BODY_OK if change is None else self._body_change(change)
+                    yield _REQUEST_BODY_OK if change is None else self._body_change(change)
                 elif phase == "response_headers":
                     headers = request.response_headers
                     session.on_response_headers(header_map(headers), headers.end_of_stream)
@@ -163,15 +176,37 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             elif phase == "request_body":
                 yield _REQUEST_BODY_OK
 
-    @staticmethod
-    async def _request_headers(session: RequestSession, headers: pb.HttpHeaders) -> pb.ProcessingResponse:
-        result = session.on_request_headers(header_map(headers))
-        if isinstance(result, ImmediateReply):
-            response = immediate(result)
-            await session.complete(completed=True)
-            return response
-        return pb.ProcessingResponse(request_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(header_mutation=mutation(result))))
+    async def _observe(self, request_iterator: AsyncIterator[pb.ProcessingRequest]) -> None:
+        """The observer's stream: copies of one request's bodies and response headers, sent by
+        Envoy without waiting (observability mode), so nothing is answered. The request is found
+        through the session id its request filter put into the forwarded dynamic metadata."""
+        session: RequestSession | None = None
+        try:
+            async for request in request_iterator:
+                if session is None:
+                    session = self._session_of(request)
+                    if session is None:
+                        continue  # already recorded (or not ours): drain
+                    session.observer_attached()
+                phase = request.WhichOneof("request")
+                if phase == "response_body":
+                    body = request.response_body
+                    session.on_response_body(body.body, body.end_of_stream)
+                elif phase == "request_body":
+                    body = request.request_body
+                    await session.on_request_chunk(body.body, body.end_of_stream)
+                elif phase == "response_headers":
+                    headers = request.response_headers
+                    session.on_response_headers(header_map(headers), headers.end_of_stream)
+        finally:
+            if session is not None:
+                session.observer_done()
+
+    def _session_of(self, request: pb.ProcessingRequest) -> RequestSession | None:
+        fields = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
+        if fields is None or "session" not in fields.fields:
+            return None
+        return self.gateway.sessions.get(fields.fields["session"].string_value)
 
     @staticmethod
     def _body_change(change: BodyChange) -> pb.ProcessingResponse:

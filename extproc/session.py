@@ -10,6 +10,7 @@ the request exactly once however it ends.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from .api import Api, Endpoint, endpoint_for_path, error_body
 from .keys import KeyUnavailable, UpstreamKey, WorkerKeys
 from .limiter.account import AccountLimiter
 from .limiter.admission import Permit, Rejected
+from .attempt import AttemptVerdict
+from .limiter.signals import Signal
 from .request_body import RequestInfo
 from .response_body import ResponseBody
 from .usage import ResponseFacts
@@ -30,6 +33,18 @@ INTERNAL_HEADER_PREFIX = "x-zai-proxy-"
 
 # Status recorded when the client went away before any response (nginx's convention).
 CLIENT_CLOSED = 499
+
+# How long a finished request waits for the observer stream's last copies before it is recorded:
+# Envoy keeps that stream open 1 s after the request (envoy.yaml, deferred_close_timeout).
+OBSERVER_WAIT_SECONDS = 2.5
+# ... and for an observer stream that never showed up (no body, no response: nothing to wait for,
+# unless its first message is still in flight).
+OBSERVER_ABSENT_WAIT_SECONDS = 0.25
+
+_session_ids = itertools.count(1)
+
+# What a request's 2xx answer tells the limiter (failed attempts come from the attempt filter).
+SUCCESS = AttemptVerdict(Signal.SUCCESS, None, None, None)
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,11 @@ class Gateway:
     clock: Callable[[], float] = time.monotonic
     count_tokens: bool = True
     limiter: AccountLimiter | None = None
+    max_request_body_bytes: int = 32 * 1024 * 1024
+    on_attempt: Callable[[AttemptVerdict], None] = lambda verdict: None
+    # Requests between their headers and their record, by session id: the observer stream
+    # (Envoy's copies of bodies) finds its request here.
+    sessions: dict[str, "RequestSession"] = field(default_factory=dict)
 
 
 def client_token(headers: Mapping[str, str]) -> str | None:
@@ -148,7 +168,12 @@ def with_usage_requested(body: bytes) -> bytes:
 
 @dataclass
 class RequestSession:
+    """One HTTP request. Its phases arrive on one or two ext_proc streams: the request filter's
+    (headers; on inline routes also the bodies, answered in place) and, on observed routes, the
+    observer's (copies of the request body, response headers and response body, not answered)."""
+
     gateway: Gateway
+    session_id: str = field(default_factory=lambda: str(next(_session_ids)))
     started: float = 0.0
     endpoint: Endpoint = Endpoint.MESSAGES
     worker: str = "unknown"
@@ -162,6 +187,10 @@ class RequestSession:
     charged_tokens: int = 0  # what the worker's token budget was charged at admission
     _done: bool = field(default=False)
     _tokens_expected: bool = False  # the request went upstream, so it may have cost tokens
+    response_ended: bool = False  # the response's last byte went by
+    _observer: asyncio.Event | None = None  # set once the observer stream is attached, when it is done
+    _request_parts: list[bytes] = field(default_factory=list)
+    _request_size: int = 0
 
     @property
     def api(self) -> Api:
@@ -186,18 +215,20 @@ class RequestSession:
                                "zai-proxy: the upstream Z.AI key cannot be read (check "
                                "ZAI_API_KEY_FILE); the request was not sent. Retry shortly.")
         self._tokens_expected = True
+        self.gateway.sessions[self.session_id] = self
         return self._auth_changes(headers, key)
 
-    async def on_request_body(self, body: bytes, end_of_stream: bool) -> BodyChange | None:
-        """The whole request body (BUFFERED mode): what was asked, and the input estimate."""
+    async def on_request_body(self, body: bytes, end_of_stream: bool, mutable: bool = True) -> BodyChange | None:
+        """The whole request body (BUFFERED mode, or the observer's copies put together): what
+        was asked, and the input estimate. A change is only proposed when it can be made."""
         info = await self.gateway.estimator.parse(body, self.api)
         self.info = info
         if (self.gateway.count_tokens and info.malformed is None
                 and self.endpoint is not Endpoint.COUNT_TOKENS):
             # Counted in the background: the request goes upstream without waiting for it.
             self._input_count = asyncio.ensure_future(self.gateway.estimator.count(info))
-        if (self.endpoint is Endpoint.CHAT_COMPLETIONS and info.malformed is None and info.stream
-                and not info.include_usage):
+        if (mutable and self.endpoint is Endpoint.CHAT_COMPLETIONS and info.malformed is None
+                and info.stream and not info.include_usage):
             # Ask for the usage chunk on the client's behalf; it is removed from the response.
             new_body = with_usage_requested(body)
             self.usage_injected = True
@@ -234,19 +265,51 @@ class RequestSession:
                                headers=(("retry-after", retry_after),))
         return None
 
+    # -- the observer's copies ---------------------------------------------------------------
+
+    def observer_attached(self) -> None:
+        self._observer = asyncio.Event()
+
+    def observer_done(self) -> None:
+        if self._observer is not None:
+            self._observer.set()
+
+    async def on_request_chunk(self, chunk: bytes, end_of_stream: bool) -> None:
+        """A copy of a request body chunk; the whole body is read at its end (nothing to change:
+        it has gone upstream already)."""
+        if self._request_size <= self.gateway.max_request_body_bytes:
+            self._request_parts.append(chunk)
+            self._request_size += len(chunk)
+        if end_of_stream:
+            body = b"".join(self._request_parts)
+            self._request_parts = []
+            await self.on_request_body(body, True, mutable=False)
+
+    # -- response -----------------------------------------------------------------------------
+
     def on_response_headers(self, headers: Mapping[str, str], end_of_stream: bool) -> None:
         self.status = int(headers.get(":status", "0") or 0)
         if self.permit is not None and 200 <= self.status < 300:
+            # Failed attempts are reported by the per-attempt filter; the success, from here.
+            self.gateway.on_attempt(SUCCESS)
             self.permit.mark_answered()
         streaming = "text/event-stream" in headers.get("content-type", "")
         self.response = ResponseBody(self.api, streaming, self.usage_injected and streaming)
+        if end_of_stream:
+            self._response_end()
 
     def on_response_body(self, chunk: bytes, end_of_stream: bool) -> bytes | None:
         """Account for one chunk (the hot path); return replacement bytes or None."""
         response = self.response
         if response is None:
             return None
+        if end_of_stream:
+            self._response_end()
         return response.feed(chunk, end_of_stream, self.gateway.clock())
+
+    def _response_end(self) -> None:
+        self.response_ended = True
+        self.observer_done()
 
     async def complete(self, completed: bool) -> dict[str, object] | None:
         """Settle the counts and record the outcome, once. Returns what the recorder reports
@@ -254,9 +317,18 @@ class RequestSession:
         if self._done:
             return None
         self._done = True
+        try:
+            return await self._record(completed)
+        finally:
+            self.gateway.sessions.pop(self.session_id, None)
+
+    async def _record(self, completed: bool) -> dict[str, object] | None:
         if self.permit is not None:
             # First, and whatever happens below: the slot goes back exactly once.
             await self.permit.release(None)
+        if self._tokens_expected and not self.response_ended:
+            await self._wait_for_observer()
+        completed = completed or self.response_ended
         status = self.status if self.status is not None else CLIENT_CLOSED
         facts = self.response.facts if self.response is not None else ResponseFacts()
         requested = self.info.model if self.info is not None else None
@@ -278,6 +350,19 @@ class RequestSession:
             malformed_request=self.info.malformed if self.info is not None else None))
 
     # -- helpers ----------------------------------------------------------------------------
+
+    async def _wait_for_observer(self) -> None:
+        """On observed routes the request ends (this stream closes) while the observer's last
+        copies may still be on their way: wait for them, within bounds."""
+        observer = self._observer
+        try:
+            if observer is None:
+                await asyncio.sleep(OBSERVER_ABSENT_WAIT_SECONDS)
+                observer = self._observer
+            if observer is not None:
+                await asyncio.wait_for(observer.wait(), OBSERVER_WAIT_SECONDS)
+        except asyncio.TimeoutError:
+            pass
 
     async def _settle(self, facts: ResponseFacts) -> Tokens:
         """Reported usage where Z.AI sent it; estimates where it did not."""
