@@ -1,5 +1,5 @@
-"""Admin HTTP edge on the ext_proc's own port: GET /health (`?detail=1` adds the limiter's
-state), GET /metrics, and POST /admin/limiter/reset (bearer ADMIN_TOKEN).
+"""Admin HTTP edge on the ext_proc's own port: GET /health (`?detail=1` adds the requests not
+yet recorded and the limiter's state), GET /metrics, and POST /admin/limiter/reset (bearer ADMIN_TOKEN).
 
 Envoy routes the listener's /health and /metrics here, so /health through Envoy fails exactly
 when this ext_proc is not there to serve requests.
@@ -28,13 +28,17 @@ def _json(doc: object, status: int = 200) -> web.Response:
 
 def build_admin_app(readiness: ReadinessCheck, exposition: Callable[[], bytes],
                     limiter: "AccountLimiter | None" = None,
-                    admin_token: str | None = None) -> web.Application:
+                    admin_token: str | None = None,
+                    open_requests: Callable[[], int] = lambda: 0) -> web.Application:
     async def health(request: web.Request) -> web.Response:
         reason = readiness()
         doc: dict[str, object] = {"status": "ok"} if reason is None else {
             "status": "unavailable", "reason": reason}
-        if request.query.get("detail") and limiter is not None:
-            doc["limiter"] = limiter.state()
+        if request.query.get("detail"):
+            # Requests between their headers and their record (metrics, usage log line).
+            doc["requests_open"] = open_requests()
+            if limiter is not None:
+                doc["limiter"] = limiter.state()
         return _json(doc, 200 if reason is None else 503)
 
     async def reset_limiter(request: web.Request) -> web.Response:

@@ -39,7 +39,7 @@ EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc
 # buffered whole, every response chunk answered before Envoy forwards it.
 INLINE_MODE = {"request_header_mode": "SEND", "response_header_mode": "SEND",
                "request_body_mode": "BUFFERED", "response_body_mode": "STREAMED",
-               "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}
+               "request_trailer_mode": "SKIP", "response_trailer_mode": "SEND"}
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 ROUTE_CONFIG_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 # Sticky variant: the same credential hashes to the same variant while the weights hold.

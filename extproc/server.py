@@ -159,7 +159,8 @@ async def serve(service: Service, stop: asyncio.Event | None = None) -> None:
     await server.start()
 
     runner = web.AppRunner(build_admin_app(service.readiness, service.metrics.exposition,
-                                           service.limiter, settings.admin_token))
+                                           service.limiter, settings.admin_token,
+                                           lambda: len(service.gateway.sessions)))
     await runner.setup()
     site = web.TCPSite(runner, settings.extproc_bind_address, settings.extproc_admin_port)
     await site.start()

@@ -37,6 +37,7 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _REQUEST_BODY_OK = pb.ProcessingResponse(request_body=pb.BodyResponse())
 _RESPONSE_HEADERS_OK = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 _RESPONSE_BODY_OK = pb.ProcessingResponse(response_body=pb.BodyResponse())
+_RESPONSE_TRAILERS_OK = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
 
 def header_map(headers: pb.HttpHeaders) -> dict[str, str]:
@@ -142,8 +143,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                         yield with_metadata(pb.ProcessingResponse(response_headers=pb.HeadersResponse()), fields)
                     else:
                         yield _RESPONSE_HEADERS_OK
+                elif phase == "response_trailers":
+                    # Asked for only to keep this stream open until the request ends.
+                    yield _RESPONSE_TRAILERS_OK
                 else:
-                    # Trailers are not requested; anything else is answered without change.
                     log.debug("unexpected ext_proc phase", extra={"phase": phase})
         finally:
             # Envoy closes the stream when the request ends, the client leaves or Envoy resets

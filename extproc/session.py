@@ -253,8 +253,8 @@ class RequestSession:
         limiter = self._limiter()
         if limiter is None:
             return None
-        if limiter.budget_for(self.worker) is not None and self._input_count is not None:
-            self.charged_tokens = await self._input_estimate()
+        # Admission comes at the request headers, before the body: a token budget is charged
+        # with the real usage at the end (settle_budget), so charged_tokens stays 0 here.
         try:
             self.permit = await limiter.admit(self.worker, self.charged_tokens)
         except Rejected as rejection:
@@ -338,7 +338,7 @@ class RequestSession:
                     and self.endpoint is not Endpoint.COUNT_TOKENS)
         tokens = await self._settle(facts) if billable else None
         first = facts.first_token_at
-        if self.permit is not None and self.gateway.limiter is not None and self.charged_tokens:
+        if self.permit is not None and self.gateway.limiter is not None:
             actual = tokens.input + tokens.output if tokens is not None else 0
             await self.gateway.limiter.settle_budget(self.worker, self.charged_tokens, actual)
         return self.gateway.recorder.record(Outcome(

@@ -11,6 +11,7 @@ import asyncio
 import os
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -49,6 +50,7 @@ class StackHandle:
         self.stack = LocalStack(env, run_dir, self._sink, emulator_args, envoy_log_level="info",
                                 variants=variants)
         self.run_dir = run_dir
+        self.variants = tuple(variants)
 
     def _sink(self, name: str, line: str) -> None:
         with self._lock:
@@ -109,3 +111,15 @@ class StackHandle:
 
     def metrics_text(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=10, trust_env=False).text
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """Wait until every variant's ext_proc has recorded the requests it saw: with bodies
+        observed (not waited for), the record can trail the client's last byte slightly."""
+        deadline = time.monotonic() + timeout
+        for variant in self.variants:
+            while True:
+                doc = httpx.get(f"{self.url}/{variant}/health?detail=1", timeout=10, trust_env=False).json()
+                if doc.get("requests_open") == 0:
+                    break
+                assert time.monotonic() < deadline, f"{variant}: requests still open: {doc}"
+                time.sleep(0.02)

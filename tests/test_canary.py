@@ -40,6 +40,7 @@ def send(stack: StackHandle, workers: list[str], path: str = "/v1/messages/count
         assert resp.status_code == 200, (resp.text, dict(resp.headers), path)
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(one, workers))
+    stack.settle()
 
 
 def delta(before, after):

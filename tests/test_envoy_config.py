@@ -89,12 +89,40 @@ def test_variants_split_sticky_and_pinned():
     pinned = by_name["anthropic_canary"]
     assert pinned["match"] == {"path_separated_prefix": "/canary/v1/messages"}
     assert pinned["route"]["cluster"] == "zai_anthropic_canary"
-    override = pinned["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["overrides"]
+    per_filter = pinned["typed_per_filter_config"]
+    override = per_filter["envoy.filters.http.ext_proc"]["overrides"]
     assert override["grpc_service"]["envoy_grpc"]["cluster_name"] == "extproc_canary"
+    observer = per_filter["zai_proxy.observer"]["overrides"]["grpc_service"]
+    assert observer["envoy_grpc"]["cluster_name"] == "extproc_canary"
+    assert observer["initial_metadata"] == [{"key": "x-zai-proxy-phase", "value": "observe"}]
     clusters = {c["name"]: c for c in render(settings(CANARY_EXTPROC_HOST="canary-host"))
                 ["static_resources"]["clusters"]}
     address = clusters["extproc_canary"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
     assert address["endpoint"]["address"]["socket_address"]["address"] == "canary-host"
     attempt = clusters["zai_openai_canary"]["typed_extension_protocol_options"][
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"][0]
-    assert attempt["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == "extproc_canary"
+    matcher = attempt["typed_config"]["xds_matcher"]["matcher_list"]["matchers"][0]
+    assert matcher["predicate"]["single_predicate"]["value_match"] == {"prefix": "2"}  # 2xx skip it
+    observer = attempt["typed_config"]["extension_config"]["typed_config"]
+    assert observer["grpc_service"]["envoy_grpc"]["cluster_name"] == "extproc_canary"
+
+
+@pytest.mark.parametrize("mode", ["observe", "inline"])
+def test_bodies_inline_where_the_gateway_may_change_them(mode):
+    """OpenAI streams may be re-framed, so their bodies pass inline; Anthropic ones as
+    RESPONSE_PROCESSING says (observed copies by default)."""
+    _, by_name = routes(settings(RESPONSE_PROCESSING=mode))
+    for name, inline in (("openai", True), ("anthropic", mode == "inline"),
+                         ("anthropic_prefixed_production", mode == "inline")):
+        route = by_name[name]
+        configs = ([route["typed_per_filter_config"]] if "typed_per_filter_config" in route else
+                   [c["typed_per_filter_config"] for c in route["route"]["weighted_clusters"]["clusters"]])
+        for per_filter in configs:
+            main = per_filter["envoy.filters.http.ext_proc"]["overrides"]
+            observer = per_filter["zai_proxy.observer"]
+            if inline:
+                assert main["processing_mode"]["response_body_mode"] == "STREAMED"
+                assert main["processing_mode"]["request_body_mode"] == "BUFFERED"
+                assert observer.get("disabled") is True
+            else:
+                assert "processing_mode" not in main and "disabled" not in observer

@@ -156,6 +156,7 @@ def test_metrics_count_requests_by_variant_and_status(stack):
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
+    stack.settle()  # requests of earlier tests recorded
     before = count("200")
     anthropic_client(stack.url).messages.create(
         model="glm-4.7", max_tokens=8, messages=[{"role": "user", "content": "x"}])

@@ -78,8 +78,10 @@ def test_worker_budgets_answer_429_with_the_bucket_retry_after(tmp_path):
                                              WORKER_KEYS_FILE=str(keys))).start()
     try:
         def post(worker: str) -> httpx.Response:
-            return httpx.post(f"{handle.url}/v1/messages", json=ASK, trust_env=False, timeout=30,
+            resp = httpx.post(f"{handle.url}/v1/messages", json=ASK, trust_env=False, timeout=30,
                               headers={"x-api-key": worker})
+            handle.settle()  # tokens are charged when the request is recorded
+            return resp
 
         assert [post("alice").status_code for _ in range(2)] == [200, 200]
         over = post("alice")
