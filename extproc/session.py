@@ -223,10 +223,8 @@ class RequestSession:
         was asked, and the input estimate. A change is only proposed when it can be made."""
         info = await self.gateway.estimator.parse(body, self.api)
         self.info = info
-        if (self.gateway.count_tokens and info.malformed is None
-                and self.endpoint is not Endpoint.COUNT_TOKENS):
-            # Counted in the background: the request goes upstream without waiting for it.
-            self._input_count = asyncio.ensure_future(self.gateway.estimator.count(info))
+        # The input is counted only if the response does not report it (_input_estimate): Z.AI
+        # almost always does, so the common request costs no tokenizer time at all.
         if (mutable and self.endpoint is Endpoint.CHAT_COMPLETIONS and info.malformed is None
                 and info.stream and not info.include_usage):
             # Ask for the usage chunk on the client's behalf; it is removed from the response.
@@ -379,8 +377,12 @@ class RequestSession:
                       input_estimated=input_estimated, output_estimated=output_estimated)
 
     async def _input_estimate(self) -> int:
+        info = self.info
         if self._input_count is None:
-            return 0
+            if (info is None or info.malformed is not None or not self.gateway.count_tokens
+                    or self.endpoint is Endpoint.COUNT_TOKENS):
+                return 0
+            self._input_count = asyncio.ensure_future(self.gateway.estimator.count(info))
         try:
             return await self._input_count
         except Exception:  # an estimate is best effort; the request already went through

@@ -33,6 +33,43 @@ class SseParser:
 
     def feed(self, chunk: bytes, final: bool = False) -> list[SseEvent]:
         """Events completed by `chunk`, in order; `final` marks the end of the stream."""
+        if not self._buf and b"\r" not in chunk:
+            return self._feed_lf(chunk)
+        return self._feed_any(chunk, final)
+
+    def _feed_lf(self, chunk: bytes) -> list[SseEvent]:
+        """The common case, at an event boundary with LF line ends only (what Z.AI sends): split
+        on blank lines with bytes.split instead of scanning line by line. Same events, same raw
+        bytes, same state left behind as `_feed_any`."""
+        blocks = chunk.split(b"\n\n")
+        blocks.pop()  # after the last blank line: the start of an unfinished event, or b""
+        events: list[SseEvent] = []
+        start = pos = 0
+        for block in blocks:
+            pos += len(block) + 2
+            event = b""
+            data: list[bytes] = []
+            for line in block.split(b"\n"):
+                if not line or line[0] == 0x3A:  # a leading blank line (nothing pending), a comment
+                    continue
+                name, colon, value = line.partition(b":")
+                if colon and value[:1] == b" ":
+                    value = value[1:]
+                if name == b"data":
+                    data.append(value)
+                elif name == b"event":
+                    event = value
+            if data:
+                events.append(SseEvent(event, b"\n".join(data), chunk[start:pos]))
+                start = pos
+        # Undispatched bytes are parsed again with the next chunk (fields included).
+        self._buf = chunk[start:]
+        self._scan = 0
+        self._event = b""
+        self._data = []
+        return events
+
+    def _feed_any(self, chunk: bytes, final: bool) -> list[SseEvent]:
         buf = self._buf + chunk if self._buf else chunk
         events: list[SseEvent] = []
         event_start = 0

@@ -54,3 +54,27 @@ def test_arbitrary_bytes_never_lose_or_invent_bytes(body, data):
     chunks = data.draw(splits(body)) if body else [b""]
     events, tail = parse_all(chunks)
     assert b"".join(e.raw for e in events) + tail == body
+
+
+class LineByLineParser(SseParser):
+    """The general line-by-line path only: the reference for the LF fast path."""
+
+    def feed(self, chunk: bytes, final: bool = False):
+        return self._feed_any(chunk, final)
+
+
+_SSE_PIECES = st.sampled_from([b"data: x", b"data:y", b"event: e", b": c", b"id: 1", b"data: {\"a\":1}",
+                               b"", b"\n", b"\r", b"\r\n", b"\n\n", b"data", b":"])
+
+
+@settings(max_examples=400)
+@given(st.lists(_SSE_PIECES, max_size=40), st.data())
+def test_lf_fast_path_matches_the_line_by_line_parser(pieces, data):
+    body = b"".join(pieces)
+    chunks = data.draw(splits(body)) if body else [b""]
+    fast, slow = SseParser(), LineByLineParser()
+    for i, chunk in enumerate(chunks):
+        final = i == len(chunks) - 1
+        got = [(e.event, e.data, e.raw) for e in fast.feed(chunk, final)]
+        assert got == [(e.event, e.data, e.raw) for e in slow.feed(chunk, final)]
+    assert fast.tail() == slow.tail()
