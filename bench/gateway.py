@@ -56,7 +56,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MARK = b"event: content_block_delta"
 PATH = "/api/anthropic/v1/messages?beta=true"
 SETUPS = ("floor", "passthrough", "gateway", "passthrough_inline", "gateway_inline")
-DEFAULT_SETUPS = ("floor", "passthrough", "gateway")
+DEFAULT_SETUPS = SETUPS
 
 
 # --------------------------------------------------------------------------------- scenarios
@@ -670,7 +670,7 @@ def main() -> int:
                         help="after the scenarios, steady load on the full gateway for SECONDS (600 = target)")
     parser.add_argument("--only", nargs="*", default=[], help="scenario names to run (default: all)")
     parser.add_argument("--setups", nargs="*", default=list(DEFAULT_SETUPS), choices=SETUPS,
-                        help="set-ups to load (default: floor, passthrough, gateway; the *_inline ones "
+                        help="set-ups to load (default: all; the *_inline ones "
                              "run with RESPONSE_PROCESSING=inline)")
     parser.add_argument("--concurrency", type=int, default=0, help="override every scenario's concurrency")
     parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
