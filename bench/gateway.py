@@ -1,18 +1,20 @@
 """Gateway benchmark (issue 6): the full gateway against Envoy alone and a pass-through ext_proc.
 
-    .venv/bin/python bench/gateway.py --quick          # every scenario, fewer requests (~5 min)
-    .venv/bin/python bench/gateway.py                  # the full table (~15 min)
-    .venv/bin/python bench/gateway.py --soak 600       # + steady load for 600 s, ext_proc RSS growth
-    .venv/bin/python bench/gateway.py --only ttft64 --soak 0   # one scenario
+    .venv/bin/python bench/gateway.py --soak 600       # the whole table + 10 min steady load (~35 min)
+    .venv/bin/python bench/gateway.py --quick          # every scenario, fewer requests (~8 min)
+    .venv/bin/python bench/gateway.py --only ttft64 --setups floor passthrough gateway   # a part
 
-One emulator (plain http on loopback; TLS would add the same cost to every set-up) serves all three
+One emulator (plain http on loopback; TLS would add the same cost to every set-up) serves all the
 set-ups, which run side by side, each with its own ports:
 
 - floor:       Envoy alone, the production bootstrap with every ext_proc stripped (bench/envoy_floor.py);
 - passthrough: the production bootstrap, unchanged, with bench/passthrough.py on the ext_proc port
-               (empty answer to every phase; same processing modes, the attempt observer included);
+               (empty answer to every phase it must answer; same processing modes: the request
+               filter, the observer's copies, the attempt filter);
 - gateway:     the production bootstrap with the real ext_proc (`python -m extproc serve`), as
-               `extproc.stack.LocalStack` starts it, the limiter's limits opened wide so it never queues.
+               `extproc.stack.LocalStack` starts it, the limiter's limits opened wide so it never queues;
+- passthrough_inline, gateway_inline: the same two with RESPONSE_PROCESSING=inline (every body
+               chunk waits for the ext_proc), for comparison with the default (observe).
 
 The floor and pass-through clients send `x-api-key: <emulator key>` themselves (nothing swaps it);
 gateway clients send `Authorization: Bearer <worker token>` like Claude Code. For every scenario the
