@@ -643,7 +643,8 @@ async def main_async(args: argparse.Namespace) -> int:
                     {k: (round(v, 2) if isinstance(v, float) else v) for k, v in summary.items()}), flush=True)
                 await asyncio.sleep(1)  # let connections close and the ext_proc settle
         if args.soak:
-            soak = await soak_run(setups["gateway"], emulator, emu_port, args.soak)
+            soak = await soak_run(setups[args.soak_setup], emulator, emu_port, args.soak)
+            soak["setup"] = args.soak_setup
             print("soak: " + json.dumps({k: v for k, v in soak.items() if k != "samples"}), flush=True)
     finally:
         procs.stop_all()
@@ -670,6 +671,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer requests per point (a few minutes)")
     parser.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
                         help="after the scenarios, steady load on the full gateway for SECONDS (600 = target)")
+    parser.add_argument("--soak-setup", default="gateway", choices=[s for s in SETUPS if s != "floor"],
+                        help="the set-up the soak loads (default: gateway)")
     parser.add_argument("--only", nargs="*", default=[], help="scenario names to run (default: all)")
     parser.add_argument("--setups", nargs="*", default=list(DEFAULT_SETUPS), choices=SETUPS,
                         help="set-ups to load (default: all; the *_inline ones "

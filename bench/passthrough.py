@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from typing import AsyncIterator
@@ -46,8 +47,13 @@ class PassThrough(pb_grpc.ExternalProcessorServicer):
         answers = _ANSWERS
         if OBSERVER_METADATA in (context.invocation_metadata() or ()):
             # The observer filter (observability mode): Envoy expects no answer.
+            # Ends its side at the response's end, as the gateway does (see its servicer).
             async for request in request_iterator:
-                request.WhichOneof("request")
+                phase = request.WhichOneof("request")
+                if phase == "response_body" and request.response_body.end_of_stream:
+                    return
+                if phase == "response_headers" and request.response_headers.end_of_stream:
+                    return
             return
         async for request in request_iterator:
             yield answers[request.WhichOneof("request")]
@@ -78,11 +84,11 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=50051)
     parser.add_argument("--max-message-bytes", type=int, default=33554432 + 65536)
     args = parser.parse_args()
-    try:
-        import uvloop  # the production ext_proc runs on uvloop too
-        uvloop.run(serve(args.host, args.port, args.max_message_bytes))
-    except ImportError:  # pragma: no cover
+    if os.environ.get("ZAI_BENCH_LOOP") == "asyncio":  # diagnosis: the stock event loop
         asyncio.run(serve(args.host, args.port, args.max_message_bytes))
+        return 0
+    import uvloop  # the production ext_proc runs on uvloop too
+    uvloop.run(serve(args.host, args.port, args.max_message_bytes))
     return 0
 
 

@@ -186,21 +186,30 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         session: RequestSession | None = None
         try:
             async for request in request_iterator:
+                phase = request.WhichOneof("request")
                 if session is None:
                     session = self._session_of(request)
-                    if session is None:
-                        continue  # already recorded (or not ours): drain
-                    session.observer_attached()
-                phase = request.WhichOneof("request")
+                    if session is not None:
+                        session.observer_attached()
                 if phase == "response_body":
                     body = request.response_body
-                    session.on_response_body(body.body, body.end_of_stream)
+                    if session is not None:
+                        session.on_response_body(body.body, body.end_of_stream)
+                    if body.end_of_stream:
+                        break
                 elif phase == "request_body":
                     body = request.request_body
-                    await session.on_request_chunk(body.body, body.end_of_stream)
+                    if session is not None:
+                        await session.on_request_chunk(body.body, body.end_of_stream)
                 elif phase == "response_headers":
                     headers = request.response_headers
-                    session.on_response_headers(header_map(headers), headers.end_of_stream)
+                    if session is not None:
+                        session.on_response_headers(header_map(headers), headers.end_of_stream)
+                    if headers.end_of_stream:
+                        break
+            # The response is over: end the stream from this side. Envoy would otherwise cancel
+            # it after deferred_close_timeout, and grpcio's asyncio server leaks native memory
+            # for every cancelled call (grpc/grpc#43360).
         finally:
             if session is not None:
                 session.observer_done()

@@ -110,3 +110,15 @@ async def test_refusal_load_counts_only_requests_zai_is_serving():
     for p in permits:
         await p.release(None)
     assert adm.answered == 0
+
+
+async def test_start_history_stays_bounded_without_any_upstream_answer():
+    """The per-minute start count keeps only the last minute, even when no request is ever
+    answered (every one cut or failed): memory does not grow with traffic."""
+    wall = Wall()
+    adm = admission(limit=5, wall=wall)
+    for _ in range(600):
+        permit = await adm.admit("a")
+        await permit.release(None)
+        wall.now += 0.5  # 120 starts a minute
+    assert len(adm._starts) <= 121

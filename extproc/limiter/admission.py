@@ -164,6 +164,7 @@ class Admission:
         self.in_flight += 1
         self.in_flight_by_worker[worker] = self.in_flight_by_worker.get(worker, 0) + 1
         self._starts.append(now)
+        self._recent_starts(now)  # bounded to the last minute even if no answer ever comes
         return Permit(lease_id, worker, 0.0, self)
 
     # -- the queue pump ----------------------------------------------------------------------
