@@ -184,7 +184,6 @@ class RequestSession:
     usage_injected: bool = False
     _input_count: asyncio.Future[int] | None = None
     permit: Permit | None = None
-    charged_tokens: int = 0  # what the worker's token budget was charged at admission
     _done: bool = field(default=False)
     _tokens_expected: bool = False  # the request went upstream, so it may have cost tokens
     response_ended: bool = False  # the response's last byte went by
@@ -251,10 +250,10 @@ class RequestSession:
         limiter = self._limiter()
         if limiter is None:
             return None
-        # Admission comes at the request headers, before the body: a token budget is charged
-        # with the real usage at the end (settle_budget), so charged_tokens stays 0 here.
+        # Admission comes at the request headers, before the body: nothing is charged to a token
+        # budget now; the real usage is, when the request ends (settle_budget).
         try:
-            self.permit = await limiter.admit(self.worker, self.charged_tokens)
+            self.permit = await limiter.admit(self.worker, 0)
         except Rejected as rejection:
             self._tokens_expected = False
             retry_after = str(max(1, math.ceil(rejection.retry_after)))
@@ -338,7 +337,7 @@ class RequestSession:
         first = facts.first_token_at
         if self.permit is not None and self.gateway.limiter is not None:
             actual = tokens.input + tokens.output if tokens is not None else 0
-            await self.gateway.limiter.settle_budget(self.worker, self.charged_tokens, actual)
+            await self.gateway.limiter.settle_budget(self.worker, 0, actual)
         return self.gateway.recorder.record(Outcome(
             endpoint=self.endpoint, worker=self.worker, request_id=self.request_id, status=status,
             duration=max(0.0, self.gateway.clock() - self.started), completed=completed,
