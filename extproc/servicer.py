@@ -184,10 +184,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         Envoy without waiting (observability mode), so nothing is answered. The request is found
         through the session id its request filter put into the forwarded dynamic metadata."""
         session: RequestSession | None = None
+        looked_up = False
         try:
             async for request in request_iterator:
                 phase = request.WhichOneof("request")
-                if session is None:
+                if not looked_up:  # once: a stream whose request was already recorded is drained
+                    looked_up = True
                     session = self._session_of(request)
                     if session is not None:
                         session.observer_attached()
