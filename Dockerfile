@@ -19,18 +19,15 @@ RUN pip wheel --no-deps --wheel-dir /wheels . \
       > /wheels/requirements.txt
 
 FROM python:3.11-slim
-# ZAI_PROXY_ENVOY_DIR: the renderer's templates (envoy/); extproc/envoy_config.py reads them from
-# there, since the installed package has no repository next to it.
+# The renderer's Envoy templates ship inside the wheel (package data): no path to set.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    ZAI_PROXY_ENVOY_DIR=/opt/zai-proxy/envoy
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=build /wheels /tmp/wheels
 RUN pip install -r /tmp/wheels/requirements.txt \
  && pip install --no-deps /tmp/wheels/*.whl \
  && rm -rf /tmp/wheels
-COPY envoy/ /opt/zai-proxy/envoy/
 
 # Non-root. /etc/envoy is where compose's renderer writes the bootstrap (a named volume, whose
 # first mount copies this directory, its mode included): writable by whichever uid renders.

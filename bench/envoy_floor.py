@@ -1,4 +1,4 @@
-"""Envoy configurations for the benchmark's three set-ups, all rendered by `extproc.envoy_config`.
+"""Envoy configurations for the benchmark's three set-ups, all rendered by `extproc.routing.envoy_config`.
 
 - `write_gateway`: the production bootstrap and routes, unchanged (used by the pass-through and
   the full gateway set-ups: Envoy does the same work in both, only the ext_proc differs);
@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from extproc import envoy_config
+from extproc.routing import envoy_config
 from extproc.config import Settings
 
 EXT_PROC_TYPE = envoy_config.EXT_PROC_TYPE

@@ -12,7 +12,7 @@ set-ups, which run side by side, each with its own ports:
                (empty answer to every phase it must answer; same processing modes: the request
                filter, the observer's copies, the attempt filter);
 - gateway:     the production bootstrap with the real ext_proc (`python -m extproc serve`), as
-               `extproc.stack.LocalStack` starts it, the limiter's limits opened wide so it never queues;
+               `extproc.local.stack.LocalStack` starts it, the limiter's limits opened wide so it never queues;
 - passthrough_inline, gateway_inline: the same two with RESPONSE_PROCESSING=inline (every body
                chunk waits for the ext_proc), for comparison with the default (observe).
 
@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from envoy_floor import write_floor, write_gateway  # noqa: E402
 from extproc.config import Settings  # noqa: E402
-from extproc.processes import die_with_parent, envoy_binary, free_port  # noqa: E402
+from extproc.local.processes import die_with_parent, envoy_binary, free_port  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MARK = b"event: content_block_delta"
@@ -177,7 +177,7 @@ def base_env(run_dir: Path, name: str, emu_port: int, emu_key: str) -> dict[str,
 
 
 def envoy_argv(config: Path) -> list[str]:
-    # As extproc.stack.LocalStack starts it.
+    # As extproc.local.stack.LocalStack starts it.
     return [envoy_binary(), "-c", str(config), "--log-level", "warning", "--disable-hot-restart",
             "--file-flush-interval-msec", "500", "--component-log-level", "upstream:error",
             "--concurrency", "2"]

@@ -1,4 +1,4 @@
-"""Benchmark: the request-side input-token estimate (extproc.request_body + extproc.tokens).
+"""Benchmark: the request-side input-token estimate (extproc.accounting.request_body + extproc.accounting.tokens).
 
 Run from the repository root:
 
@@ -43,8 +43,8 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extproc.api import Api  # noqa: E402
-from extproc.request_body import RequestInfo, parse_request, parse_request_async  # noqa: E402
-from extproc.tokens import TokenCounter, tune_gil_switching  # noqa: E402
+from extproc.accounting.request_body import RequestInfo, parse_request, parse_request_async  # noqa: E402
+from extproc.accounting.tokens import TokenCounter, tune_gil_switching  # noqa: E402
 
 WORDS = ("the a to of and in is it that for on with as this be by file function value return "
          "error test request response token stream model user agent cache limit update check "

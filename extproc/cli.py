@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import ConfigError, Settings
+from extproc.config import ConfigError, Settings
 
 try:
     import uvloop
@@ -27,9 +27,9 @@ def _run(coro: object) -> None:
 
 
 def cmd_serve(_: argparse.Namespace) -> int:
-    from . import logs
-    from .server import Service, serve
-    from .tokens import tune_gil_switching
+    from extproc.telemetry import logs
+    from extproc.server import Service, serve
+    from extproc.accounting.tokens import tune_gil_switching
 
     settings = Settings.from_env()
     tune_gil_switching()  # so counting threads hand the event loop the GIL within ~1 ms
@@ -42,7 +42,7 @@ def cmd_serve(_: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     import yaml
 
-    from .envoy_config import render, render_routes, write, write_routes
+    from extproc.routing.envoy_config import render, render_routes, write, write_routes
 
     settings = Settings.from_env()
     if args.routes:
@@ -59,7 +59,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_up(_: argparse.Namespace) -> int:
-    from .stack import LocalStack
+    from extproc.local.stack import LocalStack
 
     run_dir = Path(tempfile.mkdtemp(prefix="zai-proxy-"))
     try:
@@ -122,8 +122,8 @@ async def _up(stack: "LocalStack") -> int:  # type: ignore[name-defined]  # noqa
 def cmd_weights(args: argparse.Namespace) -> int:
     import time
 
-    from . import weights
-    from .envoy_config import routes_path
+    from extproc.routing import weights
+    from extproc.routing.envoy_config import routes_path
 
     settings = Settings.from_env()
     if args.routes_dir:
@@ -161,7 +161,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
-    from .emulator.__main__ import main as emulator_main
+    from extproc.emulator.__main__ import main as emulator_main
 
     return emulator_main(args.rest) or 0
 
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["emulator"]:
         # The emulator has its own parser; argparse would take its --flags for ours.
-        from .emulator.cli import main as emulator_main
+        from extproc.emulator.cli import main as emulator_main
 
         return emulator_main(argv[1:]) or 0
     args = build_parser().parse_args(argv)

@@ -289,7 +289,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Bearer token for the ext_proc's admin endpoints (POST /admin/limiter/reset); unset "
             "disables them.", secret=True),
     Setting("PRICES_FILE", "prices_file", parse_text, None, "PRICES_FILE=/etc/zai-proxy/prices.json",
-            "JSON price table for the estimated-cost metric (shape: extproc/pricing.py); "
+            "JSON price table for the estimated-cost metric (shape: extproc/telemetry/pricing.py); "
             "built-in GLM list prices otherwise."),
 )
 

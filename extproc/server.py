@@ -13,23 +13,24 @@ from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from .admin import build_admin_app
-from .api import Api
-from .config import ConfigError, Settings
-from .attempt import AttemptVerdict
-from .keys import KeyUnavailable, UpstreamKey, WorkerKeys, fingerprint
-from .limiter.account import AccountLimiter, LimiterSettings, load_budgets
-from .limiter.failover import FailoverStore
-from .limiter.redis_store import RedisStore
-from .limiter.signals import Signal
-from .limiter.store import LimiterStore, LocalStore
-from .metrics import LimiterMetrics, Metrics
-from .pricing import PriceTable
-from .report import Reporter
-from .request_body import RequestInfo, parse_request_async
-from .servicer import ExternalProcessor
-from .session import Gateway
-from .tokens import TokenCounter
+from extproc.telemetry.admin import build_admin_app
+from extproc.api import Api
+from extproc.config import ConfigError, Settings
+from extproc.proxy.attempt import AttemptVerdict
+from extproc.proxy.keys import KeyUnavailable, UpstreamKey, WorkerKeys, fingerprint
+from extproc.limiter.account import AccountLimiter, LimiterSettings, load_budgets
+from extproc.limiter.stores.failover import FailoverStore
+from extproc.limiter.stores.redis import RedisStore
+from extproc.limiter.signals import Signal
+from extproc.limiter.stores.base import LimiterStore
+from extproc.limiter.stores.local import LocalStore
+from extproc.telemetry.metrics import LimiterMetrics, Metrics
+from extproc.telemetry.pricing import PriceTable
+from extproc.telemetry.usage_record import Reporter
+from extproc.accounting.request_body import RequestInfo, parse_request_async
+from extproc.proxy.servicer import ExternalProcessor
+from extproc.proxy.session import Gateway
+from extproc.accounting.tokens import TokenCounter
 
 log = logging.getLogger(__name__)
 

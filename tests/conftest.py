@@ -1,26 +1,20 @@
+"""Every test is marked by its kind, from the folder it lives in: `pytest -m unit` (no processes,
+no sockets: seconds), `-m integration` (real Envoy, Redis, Prometheus, SDKs), `-m deploy`
+(manifests, rules, compose)."""
+
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
-from harness import StackHandle, stack_env
+KINDS = ("unit", "integration", "deploy")
+HERE = Path(__file__).parent
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """The default local stack: no real key, so the emulator stands in for Z.AI."""
-    handle = StackHandle(tmp_path_factory.mktemp("stack"), stack_env()).start()
-    yield handle
-    handle.stop()
-
-
-@pytest.fixture
-def emulator_options(stack):
-    """Set emulator options for one test; the previous options come back afterwards."""
-    saved = stack.emulator("GET", "/_emulator/config").json()
-    saved.pop("api_key", None)
-
-    def apply(**options):
-        stack.emulator("POST", "/_emulator/config", json=options)
-
-    yield apply
-    stack.emulator("POST", "/_emulator/config", json=saved)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        kind = Path(item.fspath).relative_to(HERE).parts[0]
+        if kind not in KINDS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/unit, tests/integration or tests/deploy")
+        item.add_marker(getattr(pytest.mark, kind))

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import httpx2 as httpx
 
-from extproc.processes import free_port
-from extproc.stack import LocalStack
+from extproc.local.processes import free_port
+from extproc.local.stack import LocalStack
 
 # Settings a developer's shell might carry that would change what the tests run against.
 _SCRUB = ("ZAI_API_KEY", "ENVOY_ROUTES_DIR", "CANARY_WEIGHT", "ZAI_API_KEY_FILE", "ZAI_TARGET_URL", "ZAI_OPENAI_URL", "WORKER_KEYS_FILE",

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-from extproc.processes import die_with_parent, free_port
+from extproc.local.processes import die_with_parent, free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 

@@ -34,7 +34,7 @@ from .reply import (
     validate_request,
 )
 
-log = logging.getLogger("extproc.emulator")
+log = logging.getLogger(__name__)
 
 ANTHROPIC_PREFIX = "/api/anthropic"
 OPENAI_PREFIXES = ("/api/coding/paas/v4", "/api/paas/v4")

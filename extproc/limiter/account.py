@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .adaptive import AdaptiveLimit, AdaptiveParams, Adjustment
-from .admission import Admission, AdmissionHooks, Permit, Rejected
-from .budget import BudgetConfig, parse_budgets
-from .quota import QuotaGate
-from .signals import Signal, quota_reset_at, reset_from_retry_after
-from .store import LimiterStore, StoreUnavailable
+from extproc.limiter.adaptive import AdaptiveLimit, AdaptiveParams, Adjustment
+from extproc.limiter.admission import Admission, AdmissionHooks, Permit, Rejected
+from extproc.limiter.budget import BudgetConfig, parse_budgets
+from extproc.limiter.quota import QuotaGate
+from extproc.limiter.signals import Signal, quota_reset_at, reset_from_retry_after
+from extproc.limiter.stores.base import LimiterStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .adaptive import Adjustment, AdaptiveLimit
-from .fair_queue import FairQueue
-from .quota import QuotaGate
-from .signals import Signal
-from .store import LimiterStore
+from extproc.limiter.adaptive import Adjustment, AdaptiveLimit
+from extproc.limiter.fair_queue import FairQueue
+from extproc.limiter.quota import QuotaGate
+from extproc.limiter.signals import Signal
+from extproc.limiter.stores.base import LimiterStore
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-from .signals import ZAI_TZ
+from extproc.limiter.signals import ZAI_TZ
 
 # Without a reset time (1309, 1113, 1304 without one) try again after this long: long enough
 # not to spend calls in a loop, short enough that a renewed plan is noticed soon.

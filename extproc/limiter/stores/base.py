@@ -1,0 +1,122 @@
+"""The contract of the store where the rate limiter keeps the state its replicas share
+(`LimiterStore`), and the token-bucket arithmetic both implementations follow.
+
+Every time is wall-clock epoch seconds passed in by the caller (`now`), so behaviour is exact
+under test and the same on every replica; TTLs are seconds. The implementations (`local.LocalStore`
+in-process, `redis.RedisStore` shared) have the same semantics, enforced by one contract test suite.
+
+Semantics shared by both implementations:
+- A slot is a lease that expires at `now + ttl`, so a replica that dies cannot leak it. An expired
+  lease no longer counts against the limit but stays until `reap_expired` removes (and counts) it,
+  so the "reclaimed leases" metric sees every one exactly once; a lease ends either by
+  `release_slot` (True) or by being reaped, never both. Re-acquiring a held lease renews it.
+- A token bucket starts full, refills at its rate up to its capacity, and a take that cannot be
+  satisfied takes nothing and says how long to wait (`math.inf` if the rate is zero).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
+
+Clock = Callable[[], float]
+
+
+class StoreUnavailable(RuntimeError):
+    """The shared store cannot be reached (connection refused, timeout, Redis error)."""
+
+
+@runtime_checkable
+class LimiterStore(Protocol):
+    name: str
+
+    async def acquire_slot(self, account: str, lease_id: str, limit: int, now: float,
+                           ttl: float) -> bool:
+        """Hold a lease if fewer than `limit` unexpired ones are held (renews a held lease)."""
+        ...
+
+    async def release_slot(self, account: str, lease_id: str) -> bool:
+        """End a lease; True if it was held (expired but not yet reaped counts as held)."""
+        ...
+
+    async def in_flight(self, account: str, now: float) -> int:
+        """Unexpired leases."""
+        ...
+
+    async def reap_expired(self, account: str, now: float) -> int:
+        """Remove leases past their expiry; how many."""
+        ...
+
+    async def take_start(self, account: str, rate_per_second: float, burst: float,
+                         now: float) -> float:
+        """0.0 if a start token was taken, else seconds until one is available."""
+        ...
+
+    async def load_state(self, account: str) -> dict[str, Any] | None:
+        ...
+
+    async def save_state(self, account: str, state: dict[str, Any], ttl: float) -> None:
+        ...
+
+    async def budget_take(self, worker: str, requests_capacity: float | None,
+                          requests_per_second: float, tokens_capacity: float | None,
+                          tokens_per_second: float, tokens: float, now: float) -> float:
+        """Take 1 request and `tokens` tokens, or nothing; 0.0, else seconds until both allow."""
+        ...
+
+    async def budget_adjust(self, worker: str, tokens_capacity: float | None,
+                            tokens_per_second: float, delta_tokens: float, now: float) -> None:
+        """Charge `delta_tokens` more (negative refunds); the bucket may go into debt."""
+        ...
+
+    async def close_gate(self, account: str, until: float, info: dict[str, Any]) -> None:
+        """Close the quota gate until `until` (a gate closed for longer stays so)."""
+        ...
+
+    async def open_gate(self, account: str) -> None:
+        ...
+
+    async def gate(self, account: str, now: float) -> tuple[float, dict[str, Any]] | None:
+        """(until, info) while the gate is closed, else None."""
+        ...
+
+    async def ping(self) -> bool:
+        ...
+
+    async def close(self) -> None:
+        ...
+
+
+# -- token bucket arithmetic (the Lua scripts in redis_store.py mirror these lines) --------------
+
+@dataclass
+class Bucket:
+    tokens: float
+    updated: float
+
+
+def refill(bucket: Bucket | None, capacity: float, rate: float, now: float) -> Bucket:
+    """The bucket as of `now`; a missing bucket is full. A clock behind `updated` adds nothing."""
+    if bucket is None:
+        return Bucket(capacity, now)
+    elapsed = max(0.0, now - bucket.updated)
+    return Bucket(min(capacity, bucket.tokens + elapsed * rate), max(bucket.updated, now))
+
+
+def wait_for(tokens: float, need: float, rate: float) -> float:
+    """Seconds until a bucket holding `tokens` holds `need`."""
+    if tokens >= need:
+        return 0.0
+    return (need - tokens) / rate if rate > 0 else math.inf
+
+
+def start_capacity(burst: float) -> float:
+    # A bucket that can never hold one token would block starts forever.
+    return max(burst, 1.0)
+
+
+def token_need(tokens: float, capacity: float) -> float:
+    # A request estimated above the whole budget is let through when the bucket is full
+    # (then it runs into debt) rather than waiting forever.
+    return min(tokens, capacity)

@@ -1,0 +1,135 @@
+"""`LocalStore`: the limiter's shared-state contract (`base.LimiterStore`) kept in this process
+only, for a single replica without Redis, and as the fallback while Redis is down."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from extproc.limiter.stores.base import (Bucket, Clock, refill,
+                                         start_capacity, token_need, wait_for)
+
+
+class LocalStore:
+    """The limiter's state in this process only. Every method finishes without awaiting, so each
+    is atomic on the event loop, like a Lua script on Redis."""
+
+    name = "local"
+
+    def __init__(self, clock: Clock = time.time) -> None:
+        # The clock is used only for state and gate expiry, whose API takes no `now`.
+        self._clock = clock
+        self._leases: dict[str, dict[str, float]] = {}  # account -> lease_id -> expiry
+        self._starts: dict[str, Bucket] = {}
+        self._requests: dict[str, Bucket] = {}
+        self._tokens: dict[str, Bucket] = {}
+        self._states: dict[str, tuple[float, str]] = {}  # account -> (expiry, JSON)
+        self._gates: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    async def acquire_slot(self, account: str, lease_id: str, limit: int, now: float,
+                           ttl: float) -> bool:
+        leases = self._leases.setdefault(account, {})
+        held = leases.get(lease_id)
+        if held is None or held <= now:
+            if sum(1 for expiry in leases.values() if expiry > now) >= limit:
+                return False
+        leases[lease_id] = now + ttl
+        return True
+
+    async def release_slot(self, account: str, lease_id: str) -> bool:
+        leases = self._leases.get(account)
+        if leases is None or leases.pop(lease_id, None) is None:
+            return False
+        if not leases:
+            del self._leases[account]
+        return True
+
+    async def in_flight(self, account: str, now: float) -> int:
+        return sum(1 for expiry in self._leases.get(account, {}).values() if expiry > now)
+
+    async def reap_expired(self, account: str, now: float) -> int:
+        leases = self._leases.get(account, {})
+        expired = [lease for lease, expiry in leases.items() if expiry <= now]
+        for lease in expired:
+            del leases[lease]
+        if not leases:
+            self._leases.pop(account, None)
+        return len(expired)
+
+    async def take_start(self, account: str, rate_per_second: float, burst: float,
+                         now: float) -> float:
+        bucket = refill(self._starts.get(account), start_capacity(burst), rate_per_second, now)
+        wait = wait_for(bucket.tokens, 1.0, rate_per_second)
+        if wait == 0.0:
+            bucket.tokens -= 1.0
+        self._starts[account] = bucket
+        return wait
+
+    async def load_state(self, account: str) -> dict[str, Any] | None:
+        entry = self._states.get(account)
+        if entry is None:
+            return None
+        if entry[0] <= self._clock():
+            del self._states[account]
+            return None
+        return json.loads(entry[1])
+
+    async def save_state(self, account: str, state: dict[str, Any], ttl: float) -> None:
+        # Stored as JSON, like Redis: the caller's dict is not shared, and a value Redis could not
+        # store fails here too.
+        self._states[account] = (self._clock() + ttl, json.dumps(state))
+
+    async def budget_take(self, worker: str, requests_capacity: float | None,
+                          requests_per_second: float, tokens_capacity: float | None,
+                          tokens_per_second: float, tokens: float, now: float) -> float:
+        requests = tokens_bucket = None
+        wait = 0.0
+        if requests_capacity is not None:
+            requests = refill(self._requests.get(worker), requests_capacity, requests_per_second, now)
+            wait = max(wait, wait_for(requests.tokens, 1.0, requests_per_second))
+        if tokens_capacity is not None:
+            tokens_bucket = refill(self._tokens.get(worker), tokens_capacity, tokens_per_second, now)
+            need = token_need(tokens, tokens_capacity)
+            wait = max(wait, wait_for(tokens_bucket.tokens, need, tokens_per_second))
+        if wait == 0.0:
+            if requests is not None:
+                requests.tokens -= 1.0
+            if tokens_bucket is not None:
+                tokens_bucket.tokens -= tokens
+        if requests is not None:
+            self._requests[worker] = requests
+        if tokens_bucket is not None:
+            self._tokens[worker] = tokens_bucket
+        return wait
+
+    async def budget_adjust(self, worker: str, tokens_capacity: float | None,
+                            tokens_per_second: float, delta_tokens: float, now: float) -> None:
+        if tokens_capacity is None:
+            return
+        bucket = refill(self._tokens.get(worker), tokens_capacity, tokens_per_second, now)
+        bucket.tokens = min(tokens_capacity, bucket.tokens - delta_tokens)
+        self._tokens[worker] = bucket
+
+    async def close_gate(self, account: str, until: float, info: dict[str, Any]) -> None:
+        current = self._gates.get(account)
+        if current is None or until >= current[0]:
+            self._gates[account] = (until, json.loads(json.dumps(info)))
+
+    async def open_gate(self, account: str) -> None:
+        self._gates.pop(account, None)
+
+    async def gate(self, account: str, now: float) -> tuple[float, dict[str, Any]] | None:
+        current = self._gates.get(account)
+        if current is None:
+            return None
+        if current[0] <= now:
+            del self._gates[account]
+            return None
+        return current[0], dict(current[1])
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None

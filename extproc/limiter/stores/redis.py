@@ -1,0 +1,250 @@
+"""The limiter's shared state in Redis, for several ext_proc replicas serving one account.
+
+Same semantics as `store.LocalStore` (see store.py). Every read-modify-write is one Lua script,
+so replicas never race; single-command operations (release, count, reap) need none. Times and
+amounts travel as `repr(float)` strings and come back as "%.17g" strings, because Redis turns a
+Lua number reply into an integer. Key TTLs are housekeeping only (Redis's own clock): correctness
+comes from the times stored in the values, compared with the caller's `now`.
+
+Any failure (refused, timeout, Redis error) raises `StoreUnavailable` quickly: 0.5 s socket
+timeouts, no backoff, so `FailoverStore` can switch to local limits without stalling requests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Awaitable, TypeVar
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from extproc.limiter.stores.base import StoreUnavailable
+
+T = TypeVar("T")
+
+# Keys are kept this long after they stop mattering, so a reaper that runs rarely still finds
+# (and counts) expired leases, and a fake test clock never races Redis's real one.
+_GRACE_MS = 3_600_000
+
+# Shared Lua helpers: token bucket arithmetic as in store.refill / store.wait_for.
+_BUCKET_LUA = """
+local function fmt(x) return string.format('%.17g', x) end
+local function refill(key, tf, uf, cap, rate, now)
+  local v = redis.call('HMGET', key, tf, uf)
+  local tokens, updated = tonumber(v[1]), tonumber(v[2])
+  if not tokens then return cap, now end
+  return math.min(cap, tokens + math.max(0, now - updated) * rate), math.max(updated, now)
+end
+local function wait_for(tokens, need, rate)
+  if tokens >= need then return 0 end
+  if rate > 0 then return (need - tokens) / rate end
+  return math.huge
+end
+local function full_in_ms(tokens, cap, rate)
+  if tokens >= cap then return 0 end
+  if rate > 0 then return math.ceil((cap - tokens) / rate * 1000) end
+  return 86400000
+end
+"""
+
+# KEYS: slots zset (member lease_id, score expiry). ARGV: lease_id, limit, now, ttl, grace_ms.
+# Unexpired leases count; a held unexpired lease is renewed without a check. 1 if held.
+_ACQUIRE = """
+local key, lease = KEYS[1], ARGV[1]
+local limit, now, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local held = redis.call('ZSCORE', key, lease)
+if (not held) or tonumber(held) <= now then
+  if redis.call('ZCOUNT', key, '(' .. ARGV[3], '+inf') >= limit then return 0 end
+end
+redis.call('ZADD', key, string.format('%.17g', now + ttl), lease)
+local keep = math.ceil(ttl * 1000) + tonumber(ARGV[5])
+if redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
+return 1
+"""
+
+# KEYS: bucket hash. ARGV: rate, capacity, now. Takes one token or nothing; returns the wait.
+_TAKE_START = _BUCKET_LUA + """
+local rate, cap, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tokens, updated = refill(KEYS[1], 'tokens', 'updated', cap, rate, now)
+local wait = wait_for(tokens, 1, rate)
+if wait == 0 then tokens = tokens - 1 end
+redis.call('HSET', KEYS[1], 'tokens', fmt(tokens), 'updated', fmt(updated))
+redis.call('PEXPIRE', KEYS[1], full_in_ms(tokens, cap, rate) + tonumber(ARGV[4]))
+return fmt(wait)
+"""
+
+# KEYS: budget hash (fields rt/ru: requests, tt/tu: tokens). ARGV: requests capacity ('' = none),
+# requests rate, tokens capacity ('' = none), tokens rate, tokens, now, grace_ms.
+# Takes 1 request and the tokens from both buckets or nothing; returns the longer wait.
+_BUDGET_TAKE = _BUCKET_LUA + """
+local key, now = KEYS[1], tonumber(ARGV[6])
+local rcap, rrate = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tcap, trate, want = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local wait, keep = 0, 0
+local r, ru, t, tu
+if rcap then
+  r, ru = refill(key, 'rt', 'ru', rcap, rrate, now)
+  wait = math.max(wait, wait_for(r, 1, rrate))
+end
+if tcap then
+  t, tu = refill(key, 'tt', 'tu', tcap, trate, now)
+  wait = math.max(wait, wait_for(t, math.min(want, tcap), trate))
+end
+if rcap then
+  if wait == 0 then r = r - 1 end
+  redis.call('HSET', key, 'rt', fmt(r), 'ru', fmt(ru))
+  keep = math.max(keep, full_in_ms(r, rcap, rrate))
+end
+if tcap then
+  if wait == 0 then t = t - want end
+  redis.call('HSET', key, 'tt', fmt(t), 'tu', fmt(tu))
+  keep = math.max(keep, full_in_ms(t, tcap, trate))
+end
+if rcap or tcap then redis.call('PEXPIRE', key, keep + tonumber(ARGV[7])) end
+return fmt(wait)
+"""
+
+# KEYS: budget hash. ARGV: tokens capacity, tokens rate, delta, now, grace_ms.
+# Refills the token bucket, then charges delta (negative refunds, capped at capacity).
+_BUDGET_ADJUST = _BUCKET_LUA + """
+local key, cap, rate = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+local t, tu = refill(key, 'tt', 'tu', cap, rate, tonumber(ARGV[4]))
+t = math.min(cap, t - tonumber(ARGV[3]))
+redis.call('HSET', key, 'tt', fmt(t), 'tu', fmt(tu))
+local keep = full_in_ms(t, cap, rate)
+local pttl = redis.call('PTTL', key)
+if pttl < keep + tonumber(ARGV[5]) then redis.call('PEXPIRE', key, keep + tonumber(ARGV[5])) end
+"""
+
+# KEYS: gate hash. ARGV: until, info JSON, keep_ms. A gate closed for longer stays so.
+_CLOSE_GATE = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'until'))
+if current and current > tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'until', ARGV[1], 'info', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+def redacted_location(url: str) -> str:
+    """host:port of a Redis URL, without its password (safe to log)."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or 6379}"
+
+
+class RedisStore:
+    """`LimiterStore` on Redis; keys are `{prefix}{kind}:{account or worker}`."""
+
+    name = "redis"
+
+    def __init__(self, url: str, prefix: str = "zai-proxy:", timeout: float = 0.5) -> None:
+        self.location = redacted_location(url)
+        self._prefix = prefix
+        # One immediate retry on a broken connection only: a pooled connection is stale after a
+        # Redis restart and fails once. No retry on timeouts and no backoff: a dead or hung Redis
+        # must fail within one timeout, so the caller can go on with local limits.
+        self._redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            retry_on_timeout=False, decode_responses=True)
+        self._acquire = self._redis.register_script(_ACQUIRE)
+        self._take_start = self._redis.register_script(_TAKE_START)
+        self._budget_take = self._redis.register_script(_BUDGET_TAKE)
+        self._budget_adjust = self._redis.register_script(_BUDGET_ADJUST)
+        self._close_gate = self._redis.register_script(_CLOSE_GATE)
+
+    def _key(self, kind: str, owner: str) -> str:
+        return f"{self._prefix}{kind}:{owner}"
+
+    async def _run(self, op: Awaitable[T]) -> T:
+        try:
+            return await op
+        except (RedisError, OSError) as exc:  # OSError includes TimeoutError
+            raise StoreUnavailable(f"Redis at {self.location}: {exc.__class__.__name__}: {exc}") from exc
+
+    async def acquire_slot(self, account: str, lease_id: str, limit: int, now: float,
+                           ttl: float) -> bool:
+        held = await self._run(self._acquire(
+            keys=[self._key("slots", account)],
+            args=[lease_id, int(limit), _num(now), _num(ttl), _GRACE_MS]))
+        return held == 1
+
+    async def release_slot(self, account: str, lease_id: str) -> bool:
+        return await self._run(self._redis.zrem(self._key("slots", account), lease_id)) == 1
+
+    async def in_flight(self, account: str, now: float) -> int:
+        return int(await self._run(self._redis.zcount(self._key("slots", account), f"({now!r}", "+inf")))
+
+    async def reap_expired(self, account: str, now: float) -> int:
+        return int(await self._run(self._redis.zremrangebyscore(self._key("slots", account), "-inf", now)))
+
+    async def take_start(self, account: str, rate_per_second: float, burst: float,
+                         now: float) -> float:
+        wait = await self._run(self._take_start(
+            keys=[self._key("start", account)],
+            args=[_num(rate_per_second), _num(max(burst, 1.0)), _num(now), _GRACE_MS]))
+        return float(wait)
+
+    async def load_state(self, account: str) -> dict[str, Any] | None:
+        raw = await self._run(self._redis.get(self._key("state", account)))
+        return None if raw is None else json.loads(raw)
+
+    async def save_state(self, account: str, state: dict[str, Any], ttl: float) -> None:
+        await self._run(self._redis.set(self._key("state", account), json.dumps(state), px=_ms(ttl)))
+
+    async def budget_take(self, worker: str, requests_capacity: float | None,
+                          requests_per_second: float, tokens_capacity: float | None,
+                          tokens_per_second: float, tokens: float, now: float) -> float:
+        wait = await self._run(self._budget_take(
+            keys=[self._key("budget", worker)],
+            args=[_num(requests_capacity), _num(requests_per_second), _num(tokens_capacity),
+                  _num(tokens_per_second), _num(tokens), _num(now), _GRACE_MS]))
+        return float(wait)
+
+    async def budget_adjust(self, worker: str, tokens_capacity: float | None,
+                            tokens_per_second: float, delta_tokens: float, now: float) -> None:
+        if tokens_capacity is None:
+            return
+        await self._run(self._budget_adjust(
+            keys=[self._key("budget", worker)],
+            args=[_num(tokens_capacity), _num(tokens_per_second), _num(delta_tokens), _num(now),
+                  _GRACE_MS]))
+
+    async def close_gate(self, account: str, until: float, info: dict[str, Any]) -> None:
+        # `until` is compared with the caller's clock; the key's TTL (Redis's clock) only has to
+        # outlive it.
+        keep_ms = _ms(max(until - time.time(), 0.0)) + _GRACE_MS
+        await self._run(self._close_gate(
+            keys=[self._key("gate", account)], args=[_num(until), json.dumps(info), keep_ms]))
+
+    async def open_gate(self, account: str) -> None:
+        await self._run(self._redis.delete(self._key("gate", account)))
+
+    async def gate(self, account: str, now: float) -> tuple[float, dict[str, Any]] | None:
+        until, info = await self._run(self._redis.hmget(self._key("gate", account), "until", "info"))
+        if until is None or float(until) <= now:
+            return None
+        return float(until), json.loads(info)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._run(self._redis.ping()))
+        except StoreUnavailable:
+            return False
+
+    async def close(self) -> None:
+        await self._redis.aclose()

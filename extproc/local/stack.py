@@ -1,0 +1,99 @@
+"""The local stack — emulator (when there is no real key), ext_proc, Envoy — wired together.
+
+`zai-proxy up` runs it for users; the integration tests run it too, so both exercise the same
+start-up path, configuration and Envoy bootstrap.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from extproc.config import Settings
+from extproc.routing.envoy_config import write as write_envoy_config
+from extproc.local.processes import (Child, LineSink, ProcessGroup, child_env, envoy_binary, listening_port,
+                        print_sink, python_argv, wait_http_ok)
+from extproc.local.tls import make_local_tls
+
+EMULATOR_HOST = "localhost"  # the name in the emulator's certificate, checked by Envoy
+
+
+@dataclass
+class Emulator:
+    url: str  # scheme://host:port, without a base path
+    key: str = field(repr=False)
+    child: Child
+
+
+class LocalStack:
+    def __init__(self, env: Mapping[str, str], run_dir: Path, sink: LineSink = print_sink,
+                 emulator_args: Sequence[str] = (), envoy_log_level: str = "warning",
+                 variants: Sequence[str] = ("production",)) -> None:
+        self.base_env = dict(env)
+        self.variants = tuple(variants)
+        self.run_dir = run_dir
+        self.group = ProcessGroup(sink)
+        self.emulator_args = list(emulator_args)
+        self.envoy_log_level = envoy_log_level
+        self.emulator: Emulator | None = None
+        self.env: dict[str, str] = {}
+        self.settings = Settings.from_env(self.base_env)  # validates before anything starts
+        self.uses_emulator = not self.settings.has_upstream_key
+
+    @property
+    def listener_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.listen_port}"
+
+    async def start(self, timeout: float = 30.0) -> None:
+        self.env = child_env(self.base_env)
+        if self.uses_emulator:
+            self.emulator = await self.start_emulator()
+            self.env |= {
+                "ZAI_API_KEY": self.emulator.key,
+                "ZAI_TARGET_URL": f"{self.emulator.url}/api/anthropic",
+                "ZAI_OPENAI_URL": f"{self.emulator.url}/api/coding/paas/v4",
+                "UPSTREAM_CA_FILE": str(self.run_dir / "emulator-ca.pem"),
+            }
+        self.settings = Settings.from_env(self.env)
+        for variant in self.variants:
+            await self.start_extproc(timeout, variant)
+        # The routes file is written afresh from CANARY_WEIGHT; `zai-proxy weights` edits it live.
+        config = write_envoy_config(self.settings, self.run_dir / "envoy.yaml", routes="replace")
+        envoy = await self.group.start("envoy", [
+            envoy_binary(), "-c", str(config), "--log-level", self.envoy_log_level,
+            "--disable-hot-restart", "--file-flush-interval-msec", "500",
+            "--component-log-level", "upstream:error"], self.env)
+        await wait_http_ok(f"{self.listener_url}/health", timeout, envoy)
+
+    async def start_emulator(self) -> Emulator:
+        tls = make_local_tls(self.run_dir, EMULATOR_HOST)
+        key = "emu-" + secrets.token_urlsafe(24)
+        child = await self.group.start("emulator", python_argv(
+            "extproc.emulator", "--host", "127.0.0.1", "--port", "0",
+            "--api-key-env", "ZAI_EMULATOR_KEY",
+            "--tls-cert", str(tls.cert_file), "--tls-key", str(tls.key_file),
+            *self.emulator_args), child_env(self.base_env, ZAI_EMULATOR_KEY=key),
+            capture_first_stdout_line=True)
+        port = await listening_port(child)
+        return Emulator(f"https://{EMULATOR_HOST}:{port}", key, child)
+
+    async def start_extproc(self, timeout: float = 30.0, variant: str = "production") -> Child:
+        env, port = self.env, self.settings.extproc_admin_port
+        if variant != "production":
+            port = self.settings.canary_extproc_admin_port
+            env = self.env | {
+                "DEPLOYMENT_VARIANT": variant,
+                "EXTPROC_GRPC_PORT": str(self.settings.canary_extproc_grpc_port),
+                "EXTPROC_ADMIN_PORT": str(port)}
+        name = "extproc" if variant == "production" else f"extproc-{variant}"
+        child = await self.group.start(name, python_argv("extproc", "serve"), env)
+        await wait_http_ok(f"http://127.0.0.1:{port}/health", timeout, child)
+        return child
+
+    async def stop_extproc(self, variant: str = "production") -> None:
+        await self.group.stop("extproc" if variant == "production" else f"extproc-{variant}")
+
+    async def stop(self) -> None:
+        await self.group.stop_all()

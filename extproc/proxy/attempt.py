@@ -1,0 +1,76 @@
+"""One upstream attempt, seen from Envoy's upstream ext_proc filter (it runs once per attempt,
+retries included), so the limiter learns from every 429 — also those Envoy retried — and Envoy
+learns which 429s are worth retrying.
+
+Z.AI puts the reason for a 429 in the body (a business code), but Envoy decides retries on
+headers. So for a 429 or 5xx the body is buffered, classified, and a header tells Envoy's retry
+policy (`retriable_headers`) whether to retry: yes for 1302/1303/1305 and 5xx, never for quota
+errors (1304/1308/1309/1113), which close the quota gate instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import orjson
+
+from extproc.limiter.signals import Signal, classify, retryable
+from extproc.accounting.usage import error_fields
+
+RETRY_HEADER = "x-zai-proxy-retry"
+
+
+@dataclass(frozen=True)
+class AttemptVerdict:
+    signal: Signal
+    code: str | None
+    message: str | None
+    retry_after: str | None
+
+
+Observe = Callable[[AttemptVerdict], None]
+
+
+def _message(doc: object) -> str | None:
+    if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
+        message = doc["error"].get("message")
+        return message if isinstance(message, str) else None
+    return None
+
+
+class AttemptSession:
+    """Driven by the upstream filter's phases; reports one verdict per attempt."""
+
+    __slots__ = ("observe", "status", "retry_after", "reported")
+
+    def __init__(self, observe: Observe) -> None:
+        self.observe = observe
+        self.status = 0
+        self.retry_after: str | None = None
+        self.reported = False
+
+    def on_response_headers(self, headers: Mapping[str, str], end_of_stream: bool) -> tuple[bool, tuple[tuple[str, str], ...]]:
+        """(buffer the body?, headers to set now)."""
+        self.status = int(headers.get(":status", "0") or 0)
+        self.retry_after = headers.get("retry-after")
+        needs_body = self.status == 429 or self.status >= 500
+        if not needs_body or end_of_stream:
+            return False, self._verdict(None)
+        return True, ()
+
+    def on_response_body(self, body: bytes) -> tuple[tuple[str, str], ...]:
+        try:
+            doc = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            doc = None
+        return self._verdict(doc)
+
+    def _verdict(self, doc: object) -> tuple[tuple[str, str], ...]:
+        if self.reported:
+            return ()
+        self.reported = True
+        err_type, code = error_fields(doc)
+        signal = classify(self.status, code, err_type)
+        self.observe(AttemptVerdict(signal, code, _message(doc), self.retry_after))
+        return ((RETRY_HEADER, "true"),) if retryable(signal) and self.status >= 400 else ()

@@ -1,0 +1,242 @@
+"""The gRPC edge: Envoy's ExternalProcessor stream <-> one RequestSession per HTTP request.
+
+Everything here is translation; decisions live in `session.py`. Responses that carry no change
+are prebuilt once, because the response-body phase runs for every streamed chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator, Callable
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import duration_pb2, struct_pb2
+
+from extproc.proxy.attempt import AttemptSession, AttemptVerdict
+from extproc.proxy.session import BodyChange, Gateway, HeaderChanges, ImmediateReply, RequestSession
+
+log = logging.getLogger(__name__)
+
+# Envoy's upstream (per-attempt) ext_proc filter and the observer (copies of bodies, answered
+# with nothing) announce themselves with this gRPC metadata (envoy/envoy.yaml).
+PHASE_METADATA = ("x-zai-proxy-phase", "attempt")
+OBSERVER_METADATA = ("x-zai-proxy-phase", "observe")
+
+# Envoy's access log reads the numbers from this dynamic-metadata namespace (envoy/envoy.yaml).
+METADATA_NAMESPACE = "zai_proxy"
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+# Unchanged-continue answers, shared by every stream (protobuf messages serialize concurrently).
+_REQUEST_BODY_OK = pb.ProcessingResponse(request_body=pb.BodyResponse())
+_RESPONSE_HEADERS_OK = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+_RESPONSE_BODY_OK = pb.ProcessingResponse(response_body=pb.BodyResponse())
+_RESPONSE_TRAILERS_OK = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+
+def header_map(headers: pb.HttpHeaders) -> dict[str, str]:
+    """Envoy sends `raw_value` (bytes); older configurations send `value`."""
+    out: dict[str, str] = {}
+    for h in headers.headers.headers:
+        out[h.key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
+    return out
+
+
+def mutation(changes: HeaderChanges) -> pb.HeaderMutation:
+    return pb.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=name, raw_value=value.encode("latin-1")),
+                append_action=_OVERWRITE)
+            for name, value in changes.set],
+        remove_headers=list(changes.remove))
+
+
+def immediate(reply: ImmediateReply) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=reply.status),
+        headers=mutation(HeaderChanges(set=reply.headers)),
+        body=reply.body,
+        details=reply.details))
+
+
+def with_metadata(response: pb.ProcessingResponse, fields: dict[str, object] | None) -> pb.ProcessingResponse:
+    if fields:
+        metadata = struct_pb2.Struct()
+        metadata.update({METADATA_NAMESPACE: fields})
+        response.dynamic_metadata.CopyFrom(metadata)
+    return response
+
+
+_BUFFER_RESPONSE_BODY = processing_mode_pb2.ProcessingMode(
+    response_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED)
+
+
+def extend_timeout(seconds: float) -> pb.ProcessingResponse:
+    """Ask Envoy to wait longer for the answer to the current message (queued for admission)."""
+    return pb.ProcessingResponse(
+        override_message_timeout=duration_pb2.Duration(seconds=max(1, int(seconds) + 1)))
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, gateway: Gateway, on_stream: Callable[[int], None] = lambda delta: None,
+                 on_attempt: Callable[[AttemptVerdict], None] = lambda verdict: None):
+        self.gateway = gateway
+        self._on_stream = on_stream
+        self._on_attempt = on_attempt
+        self._closing: set[asyncio.Task[object]] = set()
+
+    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
+        metadata = context.invocation_metadata() or ()
+        if OBSERVER_METADATA in metadata:
+            await self._observe(request_iterator)
+            return
+        if PHASE_METADATA in metadata:
+            async for response in self._attempt(request_iterator):
+                yield response
+            return
+        session = RequestSession(self.gateway)
+        self._on_stream(1)
+        try:
+            async for request in request_iterator:
+                phase = request.WhichOneof("request")
+                if phase == "response_body":
+                    body = request.response_body
+                    replacement = session.on_response_body(body.body, body.end_of_stream)
+                    if replacement is None and not body.end_of_stream:
+                        yield _RESPONSE_BODY_OK
+                    else:
+                        yield await self._response_body(session, replacement, body.end_of_stream)
+                elif phase == "request_headers":
+                    result = session.on_request_headers(header_map(request.request_headers))
+                    if isinstance(result, HeaderChanges):
+                        # Admission: the request waits here (before anything goes upstream)
+                        # until the account has room.
+                        wait = session.admission_wait()
+                        if wait is not None:
+                            yield extend_timeout(wait)
+                        rejection = await session.admit()
+                        result = result if rejection is None else rejection
+                    if isinstance(result, ImmediateReply):
+                        yield immediate(result)
+                        await session.complete(completed=True)
+                    else:
+                        yield with_metadata(pb.ProcessingResponse(request_headers=pb.HeadersResponse(
+                            response=pb.CommonResponse(header_mutation=mutation(result)))),
+                            {"session": session.session_id})
+                elif phase == "request_body":
+                    body = request.request_body
+                    change = await session.on_request_body(body.body, body.end_of_stream)
+                    yield _REQUEST_BODY_OK if change is None else self._body_change(change)
+                elif phase == "response_headers":
+                    headers = request.response_headers
+                    session.on_response_headers(header_map(headers), headers.end_of_stream)
+                    if headers.end_of_stream:
+                        fields = await session.complete(completed=True)
+                        yield with_metadata(pb.ProcessingResponse(response_headers=pb.HeadersResponse()), fields)
+                    else:
+                        yield _RESPONSE_HEADERS_OK
+                elif phase == "response_trailers":
+                    # Asked for only to keep this stream open until the request ends.
+                    yield _RESPONSE_TRAILERS_OK
+                else:
+                    log.debug("unexpected ext_proc phase", extra={"phase": phase})
+        finally:
+            # Envoy closes the stream when the request ends, the client leaves or Envoy resets
+            # it. Recording may await a token count, so it runs as its own task: awaiting here
+            # could be interrupted by the stream's cancellation.
+            task = asyncio.ensure_future(session.complete(completed=False))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            self._on_stream(-1)
+
+    async def _attempt(self, request_iterator: AsyncIterator[pb.ProcessingRequest]) -> AsyncIterator[pb.ProcessingResponse]:
+        """One upstream attempt (Envoy's upstream filter): classify it, mark retryable 429s."""
+        attempt = AttemptSession(self._on_attempt)
+        async for request in request_iterator:
+            phase = request.WhichOneof("request")
+            if phase == "response_headers":
+                headers = request.response_headers
+                buffer, changes = attempt.on_response_headers(header_map(headers), headers.end_of_stream)
+                response = pb.ProcessingResponse(response_headers=pb.HeadersResponse(
+                    response=pb.CommonResponse(header_mutation=mutation(HeaderChanges(set=changes)))))
+                if buffer:
+                    response.mode_override.CopyFrom(_BUFFER_RESPONSE_BODY)
+                yield response
+            elif phase == "response_body":
+                changes = attempt.on_response_body(request.response_body.body)
+                yield pb.ProcessingResponse(response_body=pb.BodyResponse(
+                    response=pb.CommonResponse(header_mutation=mutation(HeaderChanges(set=changes)))))
+            elif phase == "request_headers":
+                yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+            elif phase == "request_body":
+                yield _REQUEST_BODY_OK
+
+    async def _observe(self, request_iterator: AsyncIterator[pb.ProcessingRequest]) -> None:
+        """The observer's stream: copies of one request's bodies and response headers, sent by
+        Envoy without waiting (observability mode), so nothing is answered. The request is found
+        through the session id its request filter put into the forwarded dynamic metadata."""
+        session: RequestSession | None = None
+        looked_up = False
+        try:
+            async for request in request_iterator:
+                phase = request.WhichOneof("request")
+                if not looked_up:  # once: a stream whose request was already recorded is drained
+                    looked_up = True
+                    session = self._session_of(request)
+                    if session is not None:
+                        session.observer_attached()
+                if phase == "response_body":
+                    body = request.response_body
+                    if session is not None:
+                        session.on_response_body(body.body, body.end_of_stream)
+                    if body.end_of_stream:
+                        break
+                elif phase == "request_body":
+                    body = request.request_body
+                    if session is not None:
+                        await session.on_request_chunk(body.body, body.end_of_stream)
+                elif phase == "response_headers":
+                    headers = request.response_headers
+                    if session is not None:
+                        session.on_response_headers(header_map(headers), headers.end_of_stream)
+                    if headers.end_of_stream:
+                        break
+            # The response is over: end the stream from this side. Envoy would otherwise cancel
+            # it after deferred_close_timeout, and grpcio's asyncio server leaks native memory
+            # for every cancelled call (grpc/grpc#43360).
+        finally:
+            if session is not None:
+                session.observer_done()
+
+    def _session_of(self, request: pb.ProcessingRequest) -> RequestSession | None:
+        fields = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
+        if fields is None or "session" not in fields.fields:
+            return None
+        return self.gateway.sessions.get(fields.fields["session"].string_value)
+
+    @staticmethod
+    def _body_change(change: BodyChange) -> pb.ProcessingResponse:
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
+            header_mutation=mutation(change.headers),
+            body_mutation=pb.BodyMutation(body=change.body))))
+
+    @staticmethod
+    async def _response_body(session: RequestSession, replacement: bytes | None,
+                             end_of_stream: bool) -> pb.ProcessingResponse:
+        common = pb.CommonResponse()
+        if replacement == b"":
+            common.body_mutation.clear_body = True  # all of it held back (a partial event)
+        elif replacement is not None:
+            common.body_mutation.body = replacement
+        response = pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
+        if end_of_stream:
+            return with_metadata(response, await session.complete(completed=True))
+        return response

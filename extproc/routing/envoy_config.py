@@ -1,0 +1,268 @@
+"""Render the Envoy bootstrap and the live routes file from `envoy/` and the configuration.
+
+`envoy/envoy.yaml` is the single source of truth, written for one deployment variant. This fills
+its ${...} placeholders, adapts the upstream clusters to the URL scheme (TLS or plain http) and
+host kind (name or IP), expands `envoy/local_replies.yaml` into local-reply mappers for both API
+formats, and expands the variants:
+
+- every ext_proc and Z.AI cluster exists once per variant (`extproc_canary`, `zai_anthropic_canary`,
+  ...); each Z.AI cluster carries the per-attempt ext_proc filter of its own variant;
+- the template's `route_config` becomes the routes file Envoy watches (RDS from a file), with a
+  weighted split between the variants (sticky per worker: hashed on its credential), and
+  entrances pinned to one variant under `/production/...` and `/canary/...`.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+import os
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import yaml
+
+from extproc.config import Settings, UpstreamUrl
+
+# The templates ship inside the package (also reachable as the repository's top-level envoy/).
+TEMPLATES = resources.files("extproc.routing") / "envoy"
+OPENAI_PATH_PREFIX = "/v1/chat/completions"
+VARIANTS = ("production", "canary")
+DEFAULT_VARIANT = "production"
+ROUTES_FILE = "routes.yaml"
+ROUTE_CONFIG_NAME = "gateway"
+PER_VARIANT_CLUSTERS = ("extproc", "extproc_admin", "zai_anthropic", "zai_openai")
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+OBSERVER_FILTER = "zai_proxy.observer"
+EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+# Routes whose bodies pass through the ext_proc inline (it may change them): the request body
+# buffered whole, every response chunk answered before Envoy forwards it.
+INLINE_MODE = {"request_header_mode": "SEND", "response_header_mode": "SEND",
+               "request_body_mode": "BUFFERED", "response_body_mode": "STREAMED",
+               "request_trailer_mode": "SKIP", "response_trailer_mode": "SEND"}
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+ROUTE_CONFIG_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+# Sticky variant: the same credential hashes to the same variant while the weights hold.
+STICKY_HASH = [{"header": {"header_name": "authorization"}},
+               {"header": {"header_name": "x-api-key"}}]
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3f}s"
+
+
+def placeholders(settings: Settings) -> dict[str, str]:
+    values: dict[str, Any] = {
+        "ENVOY_ADMIN_PORT": settings.envoy_admin_port,
+        "LISTEN_ADDRESS": settings.listen_address,
+        "LISTEN_PORT": settings.listen_port,
+        "STREAM_IDLE_TIMEOUT": _seconds(settings.stream_idle_timeout),
+        "MAX_STREAM_DURATION": _seconds(settings.max_stream_seconds),
+        "MAX_REQUEST_BODY_BYTES": settings.max_request_body_bytes,
+        "MAX_RETRIES": settings.max_retries,
+        "EXTPROC_MESSAGE_TIMEOUT": _seconds(settings.extproc_message_timeout_ms / 1000),
+        "EXTPROC_HOST": settings.extproc_host,
+        "EXTPROC_GRPC_PORT": settings.extproc_grpc_port,
+        "EXTPROC_ADMIN_PORT": settings.extproc_admin_port,
+        "UPSTREAM_CA_FILE": settings.upstream_ca_file,
+    }
+    for prefix, url in (("ANTHROPIC", settings.anthropic_url), ("OPENAI", settings.openai_url)):
+        values |= {
+            f"{prefix}_HOST": url.host,
+            f"{prefix}_PORT": url.port,
+            f"{prefix}_PATH": url.path,
+            f"{prefix}_AUTHORITY": url.authority,
+            f"{prefix}_SAN_TYPE": "IP_ADDRESS" if url.host_is_ip else "DNS",
+        }
+    return {k: str(v) for k, v in values.items()}
+
+
+def _template(settings: Settings) -> tuple[dict[str, Any], dict[str, str]]:
+    values = placeholders(settings)
+    text = Template((TEMPLATES / "envoy.yaml").read_text()).substitute(values)
+    return yaml.safe_load(text), values
+
+
+def _hcm(bootstrap: dict[str, Any]) -> dict[str, Any]:
+    return bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def routes_path(settings: Settings) -> Path:
+    return Path(settings.envoy_routes_dir) / ROUTES_FILE
+
+
+def render(settings: Settings) -> dict[str, Any]:
+    """The bootstrap: listeners and clusters; routes come from the watched routes file."""
+    bootstrap, values = _template(settings)
+    hcm = _hcm(bootstrap)
+    hcm["local_reply_config"]["mappers"].extend(local_reply_mappers(values))
+    router = hcm["http_filters"][-1]["typed_config"]
+    attempt_filters = router.pop("upstream_http_filters")
+    clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
+    _adapt_upstream(clusters["zai_anthropic"], settings.anthropic_url)
+    _adapt_upstream(clusters["zai_openai"], settings.openai_url)
+    bootstrap["static_resources"]["clusters"] = _variant_clusters(clusters, attempt_filters, settings)
+    for http_filter in hcm["http_filters"]:
+        if http_filter["typed_config"]["@type"] == EXT_PROC_TYPE:
+            http_filter["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = \
+                f"extproc_{DEFAULT_VARIANT}"
+    hcm.pop("route_config")
+    directory = str(Path(settings.envoy_routes_dir).resolve())
+    hcm["rds"] = {"route_config_name": ROUTE_CONFIG_NAME, "config_source": {
+        "resource_api_version": "V3",
+        "path_config_source": {"path": f"{directory}/{ROUTES_FILE}",
+                               "watched_directory": {"path": directory}}}}
+    return bootstrap
+
+
+def _variant_clusters(clusters: dict[str, Any], attempt_filters: list[dict[str, Any]],
+                      settings: Settings) -> list[dict[str, Any]]:
+    out = [c for name, c in clusters.items() if name not in PER_VARIANT_CLUSTERS]
+    canary_ports = {"extproc": settings.canary_extproc_grpc_port,
+                    "extproc_admin": settings.canary_extproc_admin_port}
+    for variant in VARIANTS:
+        for name in PER_VARIANT_CLUSTERS:
+            cluster = copy.deepcopy(clusters[name])
+            cluster["name"] = cluster["load_assignment"]["cluster_name"] = f"{name}_{variant}"
+            address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+            if variant == "canary" and name in canary_ports:
+                address["socket_address"] = {"address": settings.canary_extproc_host,
+                                             "port_value": canary_ports[name]}
+            if name.startswith("zai_"):
+                filters = copy.deepcopy(attempt_filters)
+                observer = filters[0]["typed_config"]["extension_config"]["typed_config"]
+                observer["grpc_service"]["envoy_grpc"]["cluster_name"] = f"extproc_{variant}"
+                cluster["typed_extension_protocol_options"][HTTP_OPTIONS]["http_filters"] = filters
+            out.append(cluster)
+    return out
+
+
+def _extproc_override(variant: str, inline: bool) -> dict[str, Any]:
+    """Both request-level ext_proc filters of a Z.AI route: sent to the variant's ext_proc, and
+    either the request filter takes the bodies inline (the observer is off) or the observer
+    gets copies of them."""
+    service = {"envoy_grpc": {"cluster_name": f"extproc_{variant}"}}
+    main: dict[str, Any] = {"grpc_service": service}
+    if inline:
+        main["processing_mode"] = INLINE_MODE
+        observer: dict[str, Any] = {"@type": EXT_PROC_PER_ROUTE, "disabled": True}
+    else:
+        # An overriding grpc_service replaces the filter's whole one, its metadata included.
+        observed = {**service, "initial_metadata": [{"key": "x-zai-proxy-phase", "value": "observe"}]}
+        observer = {"@type": EXT_PROC_PER_ROUTE, "overrides": {"grpc_service": observed}}
+    return {EXT_PROC_FILTER: {"@type": EXT_PROC_PER_ROUTE, "overrides": main},
+            OBSERVER_FILTER: observer}
+
+
+def inline_route(cluster: str, settings: Settings) -> bool:
+    """OpenAI streams may be re-framed (usage chunk requested on the client's behalf), so their
+    bodies are always inline; Anthropic ones as RESPONSE_PROCESSING says."""
+    return cluster == "zai_openai" or settings.response_processing == "inline"
+
+
+def render_routes(settings: Settings, canary_weight: int | None = None,
+                  version: str = "initial") -> dict[str, Any]:
+    """The routes file: a DiscoveryResponse holding the RouteConfiguration Envoy watches."""
+    bootstrap, _ = _template(settings)
+    template = _hcm(bootstrap)["route_config"]
+    weight = settings.canary_weight if canary_weight is None else canary_weight
+    routes: list[dict[str, Any]] = []
+    for route in template["virtual_hosts"][0]["routes"]:
+        routes.extend(_expand_route(route, weight, settings))
+    template["virtual_hosts"][0]["routes"] = routes
+    template["name"] = ROUTE_CONFIG_NAME
+    return {"version_info": version, "resources": [{"@type": ROUTE_CONFIG_TYPE, **template}]}
+
+
+def _expand_route(route: dict[str, Any], canary_weight: int, settings: Settings) -> list[dict[str, Any]]:
+    route = copy.deepcopy(route)  # YAML aliases share one dict between routes
+    action = route.get("route")
+    if action is None:  # a direct response
+        return [route]
+    cluster = action.pop("cluster")
+    match = route["match"]
+    key = next(iter(match))
+    pinned = []
+    for variant in VARIANTS:
+        entry = copy.deepcopy(route)
+        entry["name"] = f"{route['name']}_{variant}"
+        entry["match"] = {key: f"/{variant}{match[key]}"}
+        entry["route"]["cluster"] = f"{cluster}_{variant}"
+        if key == "path" and "prefix_rewrite" not in entry["route"]:
+            entry["route"]["prefix_rewrite"] = match[key]
+        if cluster.startswith("zai_"):
+            entry["typed_per_filter_config"] = _extproc_override(variant, inline_route(cluster, settings))
+        pinned.append(entry)
+    split = copy.deepcopy(route)
+    if cluster.startswith("zai_"):
+        split["route"]["weighted_clusters"] = {"use_hash_policy": True, "clusters": [
+            {"name": f"{cluster}_{variant}", "weight": weight,
+             "typed_per_filter_config": _extproc_override(variant, inline_route(cluster, settings))}
+            for variant, weight in (("production", 100 - canary_weight), ("canary", canary_weight))]}
+        split["route"]["hash_policy"] = copy.deepcopy(STICKY_HASH)
+    else:  # /health and /metrics without a prefix: the default variant's ext_proc
+        split["route"]["cluster"] = f"{cluster}_{DEFAULT_VARIANT}"
+    return pinned + [split]
+
+
+def _adapt_upstream(cluster: dict[str, Any], url: UpstreamUrl) -> None:
+    if not url.tls:
+        del cluster["transport_socket"]
+        options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        del options["auto_config"]
+        options["explicit_http_config"] = {"http_protocol_options": {}}
+    elif url.host_is_ip:
+        # SNI carries host names only; the certificate is still checked against the IP SAN.
+        del cluster["transport_socket"]["typed_config"]["sni"]
+
+
+def local_reply_mappers(values: dict[str, str]) -> list[dict[str, Any]]:
+    cases = yaml.safe_load((TEMPLATES / "local_replies.yaml").read_text())
+    openai_path = {"header_filter": {"header": {
+        "name": ":path", "string_match": {"prefix": OPENAI_PATH_PREFIX}}}}
+    mappers: list[dict[str, Any]] = []
+    for case in cases:
+        message = " ".join(Template(case["message"]).safe_substitute(values).split())
+        cel = {"extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                "expression": case["when"]}}}
+        openai_body = {"error": {"message": message, "type": case["openai_type"],
+                                 "code": case["name"]}}
+        anthropic_body = {"type": "error", "error": {"type": case["anthropic_type"], "message": message}}
+        for filt, body in (({"and_filter": {"filters": [openai_path, cel]}}, openai_body),
+                           (cel, anthropic_body)):
+            mapper: dict[str, Any] = {
+                "filter": filt,
+                "body_format_override": {"json_format": body, "content_type": "application/json"},
+            }
+            if case.get("status"):
+                mapper["status_code"] = case["status"]
+            if case.get("retry_after"):
+                mapper["headers_to_add"] = [{
+                    "header": {"key": "retry-after", "value": str(case["retry_after"])},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+            mappers.append(mapper)
+    return mappers
+
+
+def write(settings: Settings, path: Path, routes: str = "keep") -> Path:
+    """Write the bootstrap to `path`, and the routes file: `routes="keep"` leaves an existing
+    one alone (its weights are live state), `"replace"` writes it from CANARY_WEIGHT."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(render(settings), sort_keys=False))
+    target = routes_path(settings)
+    if routes == "replace" or not target.exists():
+        write_routes(target, render_routes(settings))
+    return path
+
+
+def write_routes(target: Path, doc: dict[str, Any]) -> None:
+    """Atomically: Envoy reloads on the rename into the watched directory, never half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, target)

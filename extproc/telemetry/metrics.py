@@ -1,0 +1,194 @@
+"""Prometheus metrics. Names and labels are a contract with the runbooks (ARCHITECTURE.md).
+
+Every series carries `deployment_variant`; label values are bounded: endpoint, status, direction
+and source come from small fixed sets, a model is a label only if it is in the configured set
+(else "other"), and error types and codes likewise. Children are cached, so recording a request
+costs dict lookups, not label resolution.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from extproc import __version__
+from extproc.limiter.signals import classify
+from extproc.proxy.session import Outcome
+
+# LLM requests run from sub-second to many minutes.
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300, 450, 600, 900)
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120)
+
+OTHER = "other"
+# Z.AI business codes (see ARCHITECTURE.md) and Anthropic/OpenAI error types worth a label.
+KNOWN_ERROR_CODES = frozenset({"1000", "1001", "1002", "1003", "1110", "1112", "1113", "1121",
+                               "1210", "1213", "1214", "1302", "1303", "1304", "1305", "1308",
+                               "1309", "1310"})
+
+
+def code_label(code: str | None) -> str:
+    if code is None:
+        return "none"
+    return code if code in KNOWN_ERROR_CODES else OTHER
+
+
+class Metrics:
+    def __init__(self, variant: str, models: Iterable[str],
+                 registry: CollectorRegistry | None = None) -> None:
+        self.variant = variant
+        self.models = frozenset(m.lower() for m in models)
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        labels = ("deployment_variant", "endpoint", "status")
+        self.requests = Counter("zai_proxy_requests", "Requests handled, by final HTTP status.",
+                                labels, registry=r)
+        self.duration = Histogram("zai_proxy_request_duration_seconds",
+                                  "Time from request headers to the end of the response.",
+                                  labels, buckets=DURATION_BUCKETS, registry=r)
+        self.tokens = Counter("zai_proxy_tokens", "Tokens by direction; source says whether Z.AI "
+                              "reported them or the gateway estimated them (stream cut, no usage).",
+                              ("deployment_variant", "direction", "model", "source"), registry=r)
+        self.ttft = Histogram("zai_proxy_time_to_first_token_seconds",
+                              "Time from request headers to the first generated token.",
+                              ("deployment_variant", "model"), buckets=TTFT_BUCKETS, registry=r)
+        self.cost = Counter("zai_proxy_estimated_cost_usd", "Estimated cost from the price table.",
+                            ("deployment_variant", "model"), registry=r)
+        self.upstream_errors = Counter(
+            "zai_proxy_upstream_errors", "Errors from Z.AI — every failed attempt (Envoy retries "
+            "included) and errors inside a 200 stream — by class and Z.AI business code.",
+            ("deployment_variant", "error_class", "code"), registry=r)
+        self.in_progress = Gauge("zai_proxy_requests_in_progress", "Requests being processed now.",
+                                 ("deployment_variant",), registry=r).labels(variant)
+        build = Gauge("zai_proxy_build_info", "Build information (value is always 1).",
+                      ("deployment_variant", "version", "python"), registry=r)
+        build.labels(variant, __version__, platform.python_version()).set(1)
+        self._cache: dict[tuple[object, ...], object] = {}
+
+    def model_label(self, model: str | None) -> str:
+        if model is None:
+            return "unknown"
+        lowered = model.lower()
+        return lowered if lowered in self.models else OTHER
+
+    def _child(self, metric: Counter | Histogram, *values: str):  # type: ignore[no-untyped-def]
+        key = (id(metric), values)
+        child = self._cache.get(key)
+        if child is None:
+            child = self._cache[key] = metric.labels(self.variant, *values)
+        return child
+
+    def record(self, outcome: Outcome, cost: float | None) -> None:
+        endpoint, status = outcome.endpoint.value, str(outcome.status)
+        self._child(self.requests, endpoint, status).inc()
+        self._child(self.duration, endpoint, status).observe(outcome.duration)
+        model = self.model_label(outcome.model)
+        if outcome.tokens is not None:
+            tokens = outcome.tokens
+            for direction, count in tokens.by_direction().items():
+                estimated = (tokens.input_estimated if direction == "input"
+                             else tokens.output_estimated if direction == "output" else False)
+                if count:
+                    self._child(self.tokens, direction, model,
+                                "estimated" if estimated else "reported").inc(count)
+        if outcome.time_to_first_token is not None:
+            self._child(self.ttft, model).observe(outcome.time_to_first_token)
+        if cost:
+            self._child(self.cost, model).inc(cost)
+        if outcome.status < 400 and (outcome.error_type or outcome.error_code):
+            # An error event inside a successful stream; failed attempts are counted per attempt.
+            signal = classify(outcome.status, outcome.error_code, outcome.error_type)
+            self.upstream_error(signal.value, outcome.error_code)
+
+    def upstream_error(self, error_class: str, code: str | None) -> None:
+        self._child(self.upstream_errors, error_class, code_label(code)).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class LimiterMetrics:
+    """`zai_proxy_rate_limit_*` series. Gauges are read from the limiter at scrape time, so the
+    request path only touches counters and the queue-wait histogram."""
+
+    def __init__(self, variant: str, registry: CollectorRegistry) -> None:
+        self.variant = variant
+        labels = ("deployment_variant",)
+        self.queue_wait = Histogram(
+            "zai_proxy_rate_limit_queue_wait_seconds", "Time a request waited for admission.",
+            labels, registry=registry,
+            buckets=(0, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)).labels(variant)
+        self.adjustments = Counter("zai_proxy_rate_limit_adjustments",
+                                   "Changes of the learned limits, by limit and direction.",
+                                   ("deployment_variant", "limit", "direction"), registry=registry)
+        self.rejections = Counter("zai_proxy_rate_limit_rejections",
+                                  "Requests refused by the gateway's limiter, by reason.",
+                                  ("deployment_variant", "reason"), registry=registry)
+        self.reclaimed = Counter("zai_proxy_rate_limit_reclaimed_leases",
+                                 "Slot leases reclaimed because they outlived the longest stream.",
+                                 labels, registry=registry).labels(variant)
+        self.attempts = Counter("zai_proxy_upstream_attempts",
+                                "Upstream attempts (Envoy retries included), by what they meant "
+                                "for the limiter.", ("deployment_variant", "signal"), registry=registry)
+        self._registry = registry
+
+    def hooks(self) -> "AdmissionHooks":  # noqa: F821
+        from extproc.limiter.admission import AdmissionHooks
+
+        return AdmissionHooks(
+            queue_wait=self.queue_wait.observe,
+            rejected=lambda reason: self.rejections.labels(self.variant, reason).inc(),
+            adjusted=lambda limit, adj: self.adjustments.labels(
+                self.variant, limit, adj.value).inc(),
+            reclaimed=self.reclaimed.inc)
+
+    def watch(self, state: "Callable[[], dict[str, object]]", shared: "Callable[[], bool]") -> None:
+        """Register the scrape-time gauges reading `state()`."""
+        self._registry.register(_LimiterCollector(self.variant, state, shared))
+
+
+class _LimiterCollector:
+    GAUGES = (
+        ("concurrency_limit", "zai_proxy_rate_limit_concurrency_limit",
+         "Requests allowed in flight upstream now (learned)."),
+        ("concurrency_ceiling", "zai_proxy_rate_limit_concurrency_ceiling",
+         "Smoothed in-flight count at which Z.AI last refused (1302); NaN before any."),
+        ("start_rate_limit", "zai_proxy_rate_limit_start_rate",
+         "Requests allowed to start per minute now (learned)."),
+        ("start_rate_ceiling", "zai_proxy_rate_limit_start_rate_ceiling",
+         "Smoothed start rate (per minute) at which Z.AI last refused (1303); NaN before any."),
+        ("in_flight", "zai_proxy_rate_limit_in_flight", "Requests holding an upstream slot (this replica)."),
+        ("queued", "zai_proxy_rate_limit_queue_depth", "Requests waiting for admission."),
+    )
+
+    def __init__(self, variant: str, state, shared) -> None:  # type: ignore[no-untyped-def]
+        self.variant = variant
+        self.state = state
+        self.shared = shared
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        from prometheus_client.core import GaugeMetricFamily
+
+        state = self.state()
+        for key, name, doc in self.GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=["deployment_variant"])
+            value = state.get(key)
+            family.add_metric([self.variant], float("nan") if value is None else float(value))
+            yield family
+        gate = state.get("quota_gate")
+        family = GaugeMetricFamily("zai_proxy_rate_limit_quota_gate_closed",
+                                   "1 while a quota error (1304/1308/1309/1113) has closed the gate.",
+                                   labels=["deployment_variant"])
+        family.add_metric([self.variant], 1.0 if gate else 0.0)
+        yield family
+        family = GaugeMetricFamily("zai_proxy_rate_limit_quota_gate_reopens_at_seconds",
+                                   "Unix time the quota gate reopens; 0 when open.",
+                                   labels=["deployment_variant"])
+        family.add_metric([self.variant], float(gate["until"]) if gate else 0.0)  # type: ignore[index]
+        yield family
+        family = GaugeMetricFamily("zai_proxy_rate_limit_shared_state",
+                                   "1 when limits are shared through Redis, 0 on local limits.",
+                                   labels=["deployment_variant"])
+        family.add_metric([self.variant], 1.0 if self.shared() else 0.0)
+        yield family

@@ -1,0 +1,76 @@
+from datetime import datetime, timezone
+
+import pytest
+
+from extproc.api import Endpoint
+from extproc.telemetry.metrics import Metrics
+from extproc.telemetry.pricing import DEFAULT_PRICES, PriceTable
+from extproc.telemetry.usage_record import Reporter
+from extproc.proxy.session import Outcome, Tokens
+
+# 2026-11-23 03:00 UTC = 11:00 UTC+8 (off-peak); 07:00 UTC = 15:00 UTC+8 (peak).
+OFF_PEAK = datetime(2026, 11, 23, 3, 0, tzinfo=timezone.utc).timestamp()
+PEAK = datetime(2026, 11, 23, 7, 0, tzinfo=timezone.utc).timestamp()
+
+
+def test_cost_per_direction_and_peak_tier():
+    table = PriceTable()
+    tokens = {"input": 1_000_000, "output": 500_000, "cache_read": 2_000_000, "cache_write": 0}
+    off = table.cost("GLM-4.7", tokens, OFF_PEAK)
+    assert off == pytest.approx(0.60 + 1.10 + 0.22)
+    assert table.cost("glm-4.7", tokens, PEAK) == pytest.approx(off * DEFAULT_PRICES["peak"]["multiplier"])
+    assert table.cost("mystery-model", tokens, OFF_PEAK) is None
+
+
+@pytest.mark.parametrize("doc,problem", [
+    ({}, "models"),
+    ({"models": {"m": {"input": -1}}}, "m.input"),
+    ({"models": {"m": {"input": "cheap"}}}, "m.input"),
+    ({"models": {"m": {}}, "peak": {"multiplier": True}}, "peak.multiplier"),
+])
+def test_bad_price_tables_are_refused(doc, problem):
+    with pytest.raises(ValueError, match=problem.replace(".", r"\.")):
+        PriceTable(doc)
+
+
+def sample(value_name: str, text: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(value_name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def outcome(model: str, tokens: Tokens | None, status: int = 200, **kw) -> Outcome:
+    return Outcome(endpoint=Endpoint.MESSAGES, worker="w", request_id="r", status=status,
+                   duration=1.5, completed=True, model=model, tokens=tokens, **kw)
+
+
+def test_metrics_bound_models_and_split_estimated_tokens():
+    metrics = Metrics("canary", ["glm-4.7"])
+    reporter = Reporter(metrics, PriceTable(), "canary", wall_clock=lambda: OFF_PEAK)
+    fields = reporter.record(outcome("GLM-4.7", Tokens(10, 20, 3, 4, output_estimated=True),
+                                     time_to_first_token=0.4))
+    reporter.record(outcome("client-invented-model-123", Tokens(5, 6)))
+    text = metrics.exposition().decode()
+    assert sample("zai_proxy_tokens_total", text, model="glm-4.7", direction="input", source="reported") == 10
+    assert sample("zai_proxy_tokens_total", text, model="glm-4.7", direction="output", source="estimated") == 20
+    assert sample("zai_proxy_tokens_total", text, model="other", direction="output", source="reported") == 6
+    assert "client-invented-model-123" not in text
+    assert sample("zai_proxy_requests_total", text, deployment_variant="canary", status="200") == 2
+    assert sample("zai_proxy_time_to_first_token_seconds_count", text, model="glm-4.7") == 1
+    assert sample("zai_proxy_estimated_cost_usd_total", text, model="glm-4.7") == pytest.approx(fields["cost_usd"])
+    assert fields["output_estimated"] is True and fields["estimated"] is True
+
+
+def test_upstream_error_labels_are_bounded():
+    metrics = Metrics("production", [])
+    reporter = Reporter(metrics, PriceTable(), "production")
+    # A failed attempt is counted by the attempt observer, not again for the relayed answer.
+    reporter.record(outcome("x", None, status=429, error_type="1302", error_code="1302"))
+    metrics.upstream_error("concurrency", "1302")
+    # An error event after a 200, with a code nobody knows.
+    reporter.record(outcome("x", Tokens(), status=200, error_type="weird<script>", error_code="99999"))
+    text = metrics.exposition().decode()
+    assert sample("zai_proxy_upstream_errors_total", text, error_class="concurrency", code="1302") == 1
+    assert sample("zai_proxy_upstream_errors_total", text, error_class="server_error", code="other") == 1
+    assert "weird" not in text and "99999" not in text

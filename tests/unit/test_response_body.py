@@ -1,0 +1,114 @@
+import json
+
+from hypothesis import given, settings, strategies as st
+
+from extproc.api import Api
+from extproc.emulator import anthropic_sse, openai_sse
+from extproc.accounting.response_body import ResponseBody
+from extproc.accounting.sse import SseParser
+from extproc.accounting.usage import Usage
+from streams import anthropic_stream, openai_stream, reply, splits
+
+
+def run(api, chunks, streaming=True, drop=False):
+    body = ResponseBody(api, streaming, drop)
+    delivered = []
+    for i, chunk in enumerate(chunks):
+        out = body.feed(chunk, i == len(chunks) - 1, now=float(i))
+        delivered.append(chunk if out is None else out)
+    return body, b"".join(delivered)
+
+
+def usage_tuple(u: Usage):
+    return (u.input, u.output, u.cache_read, u.cache_write)
+
+
+@settings(max_examples=200)
+@given(st.data())
+def test_anthropic_usage_and_bytes_independent_of_chunking(data):
+    r, body = data.draw(anthropic_stream())
+    chunks = data.draw(splits(body))
+    result, delivered = run(Api.ANTHROPIC, chunks)
+    assert delivered == body
+    facts = result.facts
+    assert usage_tuple(facts.usage) == (r.input_tokens, r.output_tokens, r.cache_read_tokens,
+                                        r.cache_write_tokens)
+    assert facts.complete and facts.model == "glm-4.7" and facts.error_type is None
+    assert result.delivered_text() == r.text
+
+
+@settings(max_examples=200)
+@given(st.data())
+def test_openai_usage_and_bytes_independent_of_chunking(data):
+    r, body = data.draw(openai_stream())
+    chunks = data.draw(splits(body))
+    result, delivered = run(Api.OPENAI, chunks)
+    assert delivered == body
+    assert usage_tuple(result.facts.usage) == (r.input_tokens, r.output_tokens, r.cache_read_tokens, None)
+    assert result.facts.complete
+    assert result.delivered_text() == r.text
+
+
+@settings(max_examples=200)
+@given(st.data())
+def test_requested_usage_chunk_is_removed_and_nothing_else_changes(data):
+    r, body = data.draw(openai_stream(include_usage=True))
+    chunks = data.draw(splits(body))
+    result, delivered = run(Api.OPENAI, chunks, drop=True)
+    parser = SseParser()
+    kept = [e.raw for e in parser.feed(body, final=True) if b'"usage"' not in e.data]
+    assert delivered == b"".join(kept)
+    assert usage_tuple(result.facts.usage)[:3] == (r.input_tokens, r.output_tokens, r.cache_read_tokens)
+
+
+def test_first_token_time_is_the_first_content_delta():
+    events = anthropic_sse.stream_events(reply(["a", "b"]))
+    chunks = [e.encode() for e in events]
+    result, _ = run(Api.ANTHROPIC, chunks)
+    first_delta = next(i for i, e in enumerate(events) if e.name == "content_block_delta")
+    assert result.facts.first_token_at == float(first_delta)
+
+
+def test_error_event_after_200_is_recorded_with_its_type():
+    events = anthropic_sse.stream_events(reply(["a", "b"]))[:4]
+    body = b"".join(e.encode() for e in events) + (
+        b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"x"}}\n\n')
+    result, _ = run(Api.ANTHROPIC, [body])
+    assert result.facts.error_type == "overloaded_error" and not result.facts.complete
+
+
+def test_cut_stream_has_partial_usage_and_the_delivered_text():
+    events = anthropic_sse.stream_events(reply(["one ", "two ", "three"]))
+    cut = [e for e in events if e.name != "message_delta"][:5]
+    body = b"".join(e.encode() for e in cut)
+    result, _ = run(Api.ANTHROPIC, [body[:-7]])  # cut inside the last event
+    assert result.facts.usage.output == 1  # message_start's placeholder, not a final count
+    assert not result.facts.complete
+    delivered = "".join(e.text or "" for e in cut[:-1])
+    assert result.delivered_text() == delivered
+
+
+def test_whole_json_bodies_of_both_formats():
+    r = reply(["hello ", "world"])
+    body = json.dumps(anthropic_sse.message(r)).encode()
+    result, _ = run(Api.ANTHROPIC, [body[:10], body[10:]], streaming=False)
+    assert usage_tuple(result.facts.usage) == (r.input_tokens, r.output_tokens, 56, 7)
+    assert result.delivered_text() == "hello world"
+    body = json.dumps(openai_sse.completion(r)).encode()
+    result, _ = run(Api.OPENAI, [body], streaming=False)
+    assert usage_tuple(result.facts.usage)[:3] == (r.input_tokens, r.output_tokens, 56)
+
+
+def test_zai_error_bodies_give_type_and_code():
+    result, _ = run(Api.ANTHROPIC, [b'{"type":"error","error":{"type":"1302","message":"busy"}}'],
+                    streaming=False)
+    assert (result.facts.error_type, result.facts.error_code) == ("1302", "1302")
+    result, _ = run(Api.OPENAI, [b'{"error":{"code":"1308","message":"reset at ..."}}'], streaming=False)
+    assert result.facts.error_code == "1308"
+
+
+@given(st.binary(max_size=400), st.booleans(), st.sampled_from([Api.ANTHROPIC, Api.OPENAI]))
+def test_garbage_never_raises(body, streaming, api):
+    result, delivered = run(api, [body], streaming)
+    assert delivered == body
+    result.delivered_text()
