@@ -24,6 +24,12 @@ per open stream), measuring time to the first `content_block_delta` event, whole
 and throughput. ext_proc CPU comes from /proc/<pid>/stat (utime+stime) before/after each point,
 resident memory from /proc/<pid>/status (VmRSS, sampled every 0.25 s, max kept).
 
+Every process is started as the local stack starts it (`extproc.local`: `zai-proxy up` and the
+integration tests use the same code): the emulator by `start_emulator` (plain http), each ext_proc
+by `start_extproc`, each Envoy with `envoy_argv` (plus `--concurrency 2`), all in one
+`ProcessGroup`. Each child writes its output straight to `<name>.log` in the run dir, so none of it
+passes through this process, whose CPU and event loop are part of what is measured.
+
 Every point is bounded in requests and in seconds; every process started is stopped at the end.
 Results: a Markdown table on stdout and JSON in --out (default bench/gateway-last.json).
 """
@@ -36,15 +42,13 @@ import contextlib
 import json
 import os
 import platform
-import secrets
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -52,13 +56,17 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from envoy_floor import write_floor, write_gateway  # noqa: E402
 from extproc.config import Settings  # noqa: E402
-from extproc.local.processes import die_with_parent, envoy_binary, free_port  # noqa: E402
+from extproc.local.processes import (Child, FileSink, ProcessGroup, envoy_binary, free_port,  # noqa: E402
+                                     wait_http_ok)
+from extproc.local.stack import Emulator, envoy_argv, start_emulator, start_extproc  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MARK = b"event: content_block_delta"
 PATH = "/api/anthropic/v1/messages?beta=true"
 SETUPS = ("floor", "passthrough", "gateway", "passthrough_inline", "gateway_inline")
 DEFAULT_SETUPS = SETUPS
+ENVOY_ARGS = ("--concurrency", "2")  # after the local stack's Envoy command line
+EMULATOR_ARGS = ("--log-level", "WARNING", "--input-tokens", "1000")
 
 
 # --------------------------------------------------------------------------------- scenarios
@@ -92,43 +100,6 @@ SCENARIOS = [
 
 # --------------------------------------------------------------------------------- processes
 
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-
-class Processes:
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.procs: list[Proc] = []
-
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
-        out = open(self.log_dir / f"{name}.log", "wb")
-        popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True, preexec_fn=die_with_parent, cwd=ROOT)
-        out.close()
-        proc = Proc(name, popen)
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.popen.poll() is None:
-                proc.popen.send_signal(signal.SIGTERM)
-        for proc in reversed(self.procs):
-            try:
-                proc.popen.wait(8)
-            except subprocess.TimeoutExpired:
-                proc.popen.kill()
-                proc.popen.wait(5)
-        self.procs.clear()
-
-
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
@@ -141,28 +112,25 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def python() -> str:
-    return sys.executable
-
-
 @dataclass
 class Setup:
     name: str
     port: int
     headers: str  # the credential header line(s)
-    extproc: Proc | None = None
-    envoy: Proc | None = None
+    envoy_admin_port: int
+    extproc: Child | None = None
+    envoy: Child | None = None
 
 
-def base_env(run_dir: Path, name: str, emu_port: int, emu_key: str) -> dict[str, str]:
+def base_env(run_dir: Path, name: str, emulator: Emulator) -> dict[str, str]:
     scrub = ("ZAI_API_KEY_FILE", "WORKER_KEYS_FILE", "CANARY_WEIGHT", "REDIS_URL", "WORKER_BUDGETS_FILE",
              "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
     env = {k: v for k, v in os.environ.items() if k not in scrub}
     env |= {
         "PYTHONUNBUFFERED": "1", "NO_PROXY": "*",
-        "ZAI_API_KEY": emu_key,
-        "ZAI_TARGET_URL": f"http://127.0.0.1:{emu_port}/api/anthropic",
-        "ZAI_OPENAI_URL": f"http://127.0.0.1:{emu_port}/api/coding/paas/v4",
+        "ZAI_API_KEY": emulator.key,
+        "ZAI_TARGET_URL": f"{emulator.url}/api/anthropic",
+        "ZAI_OPENAI_URL": f"{emulator.url}/api/coding/paas/v4",
         "ENVOY_ROUTES_DIR": str(run_dir / name / "routes"),
         "LIMITER_STATE_FILE": str(run_dir / name / "limiter.json"),
         "LISTEN_PORT": str(free_port()), "ENVOY_ADMIN_PORT": str(free_port()),
@@ -176,72 +144,62 @@ def base_env(run_dir: Path, name: str, emu_port: int, emu_key: str) -> dict[str,
     return env
 
 
-def envoy_argv(config: Path) -> list[str]:
-    # As extproc.local.stack.LocalStack starts it.
-    return [envoy_binary(), "-c", str(config), "--log-level", "warning", "--disable-hot-restart",
-            "--file-flush-interval-msec", "500", "--component-log-level", "upstream:error",
-            "--concurrency", "2"]
-
-
-async def wait_until(check: Callable[[], Any], what: str, timeout: float, procs: list[Proc]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in procs:
-            if proc.popen.poll() is not None:
-                raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}; see its log")
-        with contextlib.suppress(Exception):
-            if await check():
-                return
-        await asyncio.sleep(0.2)
-    raise TimeoutError(f"{what} not ready after {timeout}s")
-
-
-async def http_get_ok(port: int, path: str) -> bool:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode())
-        line = await asyncio.wait_for(reader.readline(), 2)
-        return b" 200 " in line
-    finally:
-        writer.close()
-
-
-async def start_setups(procs: Processes, run_dir: Path, emu_port: int, emu_key: str,
+async def start_setups(group: ProcessGroup, run_dir: Path, emulator: Emulator,
                        names: list[str]) -> dict[str, Setup]:
     setups: dict[str, Setup] = {}
     for name in SETUPS:
         if name not in names and name != "floor":  # the floor is every comparison's base
             continue
-        env = base_env(run_dir, name, emu_port, emu_key)
+        env = base_env(run_dir, name, emulator)
         if name.endswith("_inline"):
             env["RESPONSE_PROCESSING"] = "inline"
         settings = Settings.from_env(env)
         config = run_dir / name / "envoy.yaml"
         if name == "floor":
             write_floor(settings, config)
-            headers = f"x-api-key: {emu_key}\r\n"
+            headers = f"x-api-key: {emulator.key}\r\n"
         else:
             write_gateway(settings, config)
-            headers = f"x-api-key: {emu_key}\r\n" if name.startswith("passthrough") else \
+            headers = f"x-api-key: {emulator.key}\r\n" if name.startswith("passthrough") else \
                 "authorization: Bearer bench-worker-token\r\n"
-        setup = Setup(name, settings.listen_port, headers)
+        setup = Setup(name, settings.listen_port, headers, settings.envoy_admin_port)
         if name.startswith("passthrough"):
-            setup.extproc = procs.start(name, [python(), str(ROOT / "bench" / "passthrough.py"),
-                                               "--port", str(settings.extproc_grpc_port)], env)
+            setup.extproc = await start_extproc(
+                group, name, env, log_file=run_dir / f"{name}.log",
+                argv=[sys.executable, str(ROOT / "bench" / "passthrough.py"),
+                      "--port", str(settings.extproc_grpc_port)])
         elif name.startswith("gateway"):
-            setup.extproc = procs.start(f"extproc-{name}", [python(), "-m", "extproc", "serve"], env)
-            admin = settings.extproc_admin_port
-            await wait_until(lambda: http_get_ok(admin, "/health"), "ext_proc", 60, [setup.extproc])
-        setup.envoy = procs.start(f"envoy-{name}", envoy_argv(config), env)
+            setup.extproc = await start_extproc(
+                group, f"extproc-{name}", env, log_file=run_dir / f"extproc-{name}.log",
+                health_url=f"http://127.0.0.1:{settings.extproc_admin_port}/health", timeout=60)
+        setup.envoy = await group.start(f"envoy-{name}", envoy_argv(config, "warning", ENVOY_ARGS), env,
+                                        log_file=run_dir / f"envoy-{name}.log")
         setups[name] = setup
     for setup in setups.values():
-        alive = [p for p in (setup.envoy, setup.extproc) if p]
-
-        async def probe(s: Setup = setup) -> bool:
-            r = await one_request(s, request_bytes(s, short_body(0)), 10)
-            return r.status == 200 and r.events > 0
-        await wait_until(probe, f"{setup.name} set-up", 60, alive)
+        assert setup.envoy
+        await wait_http_ok(f"http://127.0.0.1:{setup.envoy_admin_port}/ready", 60, setup.envoy)
+        await wait_serving(setup, 60)
     return setups
+
+
+async def wait_serving(setup: Setup, timeout: float) -> None:
+    """Until a request through the set-up streams events (its Envoy finds the ext_proc healthy)."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        for child in (setup.envoy, setup.extproc):
+            if child is not None and child.process.returncode is not None:
+                raise RuntimeError(f"{child.name} exited with code {child.process.returncode}; "
+                                   f"see {child.name}.log in the run dir")
+        try:
+            res = await one_request(setup, request_bytes(setup, short_body(0)), 10)
+            if res.status == 200 and res.events > 0:
+                return
+            last = f"HTTP {res.status}, {res.events} events"
+        except Exception as exc:  # noqa: BLE001 - not up yet: try again
+            last = type(exc).__name__
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"{setup.name} set-up not serving after {timeout:.0f}s ({last})")
 
 
 # --------------------------------------------------------------------------------- client
@@ -370,7 +328,7 @@ class Point:
 
 
 async def run_point(setup: Setup, sc: Scenario, max_requests: int, max_seconds: float,
-                    emulator: Proc, request_timeout: float) -> Point:
+                    emulator: Child, request_timeout: float) -> Point:
     body_fn = large_body if sc.body == "large" else short_body
     point = Point()
     issued = 0
@@ -415,6 +373,7 @@ async def run_point(setup: Setup, sc: Scenario, max_requests: int, max_seconds: 
             conn.close()
 
     cpu0 = cpu_seconds(ext.pid) if ext else None
+    assert setup.envoy
     env0, emu0, cli0 = cpu_seconds(setup.envoy.pid), cpu_seconds(emulator.pid), time.process_time()
     sampler = asyncio.create_task(sample())
     t0 = time.perf_counter()
@@ -451,22 +410,6 @@ async def emulator_config(port: int, **options: Any) -> None:
             raise RuntimeError(f"emulator config {options}: {status!r} {await reader.read()!r}")
     finally:
         writer.close()
-
-
-async def start_emulator(procs: Processes) -> tuple[Proc, int, str]:
-    key = "emu-" + secrets.token_urlsafe(24)
-    port = free_port()
-    env = dict(os.environ, ZAI_EMULATOR_KEY=key, PYTHONUNBUFFERED="1")
-    proc = procs.start("emulator", [python(), "-m", "extproc.emulator", "--host", "127.0.0.1",
-                                    "--port", str(port), "--api-key-env", "ZAI_EMULATOR_KEY",
-                                    "--log-level", "WARNING", "--input-tokens", "1000"], env)
-
-    async def up() -> bool:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.close()
-        return True
-    await wait_until(up, "emulator", 30, [proc])
-    return proc, port, key
 
 
 # --------------------------------------------------------------------------------- figures
@@ -570,7 +513,7 @@ def targets(results: dict[str, dict[str, dict[str, Any]]], soak: dict[str, Any] 
 
 # --------------------------------------------------------------------------------- main
 
-async def soak_run(setup: Setup, emulator: Proc, emu_port: int, seconds: float) -> dict[str, Any]:
+async def soak_run(setup: Setup, emulator: Child, emu_port: int, seconds: float) -> dict[str, Any]:
     """Steady load (64 streams, 20 events @ 20 ms) on the full gateway; RSS every 10 s."""
     await emulator_config(emu_port, events_per_stream=20, event_interval=0.02, first_event_delay=0.0)
     assert setup.extproc
@@ -604,14 +547,16 @@ async def main_async(args: argparse.Namespace) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
     run_dir = Path(tempfile.mkdtemp(prefix="zai-bench-"))
-    procs = Processes(run_dir)
+    sink = FileSink(run_dir)  # the emulator's few lines (its port; warnings); the others write their own
+    group = ProcessGroup(sink)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     soak = None
     scenarios = [s for s in SCENARIOS if not args.only or s.name in args.only]
     try:
-        emulator, emu_port, emu_key = await start_emulator(procs)
-        setups = await start_setups(procs, run_dir, emu_port, emu_key, args.setups)
-        print(f"# run dir {run_dir}; pids: " + ", ".join(f"{p.name}={p.pid}" for p in procs.procs), flush=True)
+        emu = await start_emulator(group, os.environ, EMULATOR_ARGS)
+        emulator, emu_port = emu.child, emu.port
+        setups = await start_setups(group, run_dir, emu, args.setups)
+        print(f"# run dir {run_dir}; pids: " + ", ".join(f"{c.name}={c.pid}" for c in group.children), flush=True)
         for sc in scenarios:
             max_requests, max_seconds = sc.quick if args.quick else sc.full
             await emulator_config(emu_port, events_per_stream=sc.events, event_interval=sc.interval,
@@ -647,7 +592,8 @@ async def main_async(args: argparse.Namespace) -> int:
             soak["setup"] = args.soak_setup
             print("soak: " + json.dumps({k: v for k, v in soak.items() if k != "samples"}), flush=True)
     finally:
-        procs.stop_all()
+        await group.stop_all(timeout=8)
+        sink.close()
     info = machine()
     report = {"machine": info, "mode": "quick" if args.quick else "full", "results": results, "soak": soak,
               "scenarios": {s.name: s.what for s in scenarios}}

@@ -28,7 +28,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-OBSERVER_METADATA = ("x-zai-proxy-phase", "observe")
+OBSERVER_METADATA = ("x-zai-proxy-phase", "observer")
 
 # One prebuilt answer per phase; `request` oneof name -> the response carrying the same name.
 _ANSWERS = {

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from extproc.config import ConfigError, Settings
+from extproc.variants import Variant
 
 try:
     import uvloop
@@ -64,7 +65,7 @@ def cmd_up(_: argparse.Namespace) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="zai-proxy-"))
     try:
         # Paced like a real model, so a person trying it sees tokens stream in.
-        stack = LocalStack(os.environ, run_dir, variants=("production", "canary"),
+        stack = LocalStack(os.environ, run_dir, variants=tuple(Variant),
                            emulator_args=["--first-event-delay", "0.3", "--event-interval", "0.05"])
         return asyncio.run(_up(stack)) if uvloop is None else uvloop.run(_up(stack))
     finally:
@@ -160,12 +161,6 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_emulator(args: argparse.Namespace) -> int:
-    from extproc.emulator.__main__ import main as emulator_main
-
-    return emulator_main(args.rest) or 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zai-proxy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,10 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     set_parser.add_argument("percent", type=int)
     actions.add_parser("fallback", help="send everything to production at once")
     weights.set_defaults(func=cmd_weights)
-    emulator = sub.add_parser("emulator", help="run the Z.AI emulator (see --help after it)",
-                              add_help=False)
-    emulator.add_argument("rest", nargs=argparse.REMAINDER)
-    emulator.set_defaults(func=cmd_emulator)
+    # Listed for --help only: main() hands `emulator ...` to the emulator's own parser.
+    sub.add_parser("emulator", help="run the Z.AI emulator (see --help after it)", add_help=False)
     return parser
 
 

@@ -1,17 +1,24 @@
 """Configuration from environment variables.
 
-Every setting is declared once in `SETTINGS` (name, parser, default, example, meaning) so that
-parsing, start-up errors and the README table cannot drift apart. A bad value stops start-up with
-a message naming the variable, what is wrong with the value, and an example of a good one.
+Every setting is declared once, as a field of `Settings` made by `setting()` (variable name, parser,
+default, example, meaning); `SETTINGS`, parsing, start-up errors and the README's configuration
+table (`settings_table()`, `python -m extproc.config --table`) all follow from that declaration, so
+they cannot drift apart. A bad value stops start-up with a message naming the variable, what is
+wrong with the value, and an example of a good one.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import ipaddress
 import os
 import re
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 
@@ -163,198 +170,211 @@ def parse_list(raw: str) -> tuple[str, ...]:
     return items
 
 
-DEFAULT_STATE_FILE = os.path.join(
-    os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "zai-proxy", "limiter.json")
-DEFAULT_ROUTES_DIR = os.path.join(
-    os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "zai-proxy", "routes")
+def _state_path(name: str) -> tuple[str, str]:
+    """`name` in zai-proxy's state directory: (the path on this machine, the path as documented)."""
+    home = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(home, "zai-proxy", name), f"~/.local/state/zai-proxy/{name}"
+
+
+DEFAULT_STATE_FILE, _STATE_FILE_SHOWN = _state_path("limiter.json")
+DEFAULT_ROUTES_DIR, _ROUTES_DIR_SHOWN = _state_path("routes")
 DEFAULT_MODEL_LABELS = "glm-4.7,glm-4.6,glm-4.5,glm-4.5-air,glm-4.5-flash,glm-5,glm-4.6v"
 
 
 @dataclass(frozen=True)
 class Setting:
-    env: str
-    attr: str
-    parse: Callable[[str], Any]
-    default: str | None
-    example: str
-    meaning: str
-    secret: bool = False
+    """One environment variable, as declared on a `Settings` field by `setting()`."""
+
+    env: str  # the variable's name
+    attr: str  # the `Settings` field it fills
+    parse: Callable[[str], Any]  # raw text -> value; ValueError("<what is wrong>") on a bad value
+    default: str | None  # raw text used when the variable is unset or empty; None: the field is None
+    example: str  # "NAME=value", shown in errors
+    meaning: str  # Markdown, the README's configuration table
+    secret: bool = False  # never echoed in errors or repr
+    shown_default: str | None = None  # the default as documented, when `default` depends on the machine
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("ZAI_API_KEY", "api_key", parse_text, None, "ZAI_API_KEY=<your Z.AI key>",
-            "The real upstream key. Without it (and without ZAI_API_KEY_FILE) `zai-proxy up` runs "
-            "the built-in Z.AI emulator.", secret=True),
-    Setting("ZAI_API_KEY_FILE", "api_key_file", parse_text, None,
-            "ZAI_API_KEY_FILE=/var/run/secrets/zai/api-key",
-            "File holding the upstream key (e.g. a Kubernetes secret mount); re-read when it changes."),
-    Setting("ZAI_TARGET_URL", "anthropic_url", parse_url, "https://api.z.ai/api/anthropic",
-            "ZAI_TARGET_URL=https://api.z.ai/api/anthropic", "Z.AI's Anthropic-compatible base URL."),
-    Setting("ZAI_OPENAI_URL", "openai_url", parse_url, "https://api.z.ai/api/coding/paas/v4",
-            "ZAI_OPENAI_URL=https://api.z.ai/api/paas/v4",
-            "Z.AI's OpenAI-compatible base URL (coding plan by default; the general API is /api/paas/v4)."),
-    Setting("DEPLOYMENT_VARIANT", "deployment_variant", parse_label, "production",
-            "DEPLOYMENT_VARIANT=canary", "Value of the deployment_variant label on every metric."),
-    Setting("WORKER_KEYS_FILE", "worker_keys_file", parse_text, None,
-            "WORKER_KEYS_FILE=/etc/zai-proxy/worker-keys",
-            "Optional `name key` lines; when set, requests must carry one of these keys."),
-    Setting("LISTEN_ADDRESS", "listen_address", parse_host, "127.0.0.1", "LISTEN_ADDRESS=0.0.0.0",
-            "Address Envoy's listener binds (use 0.0.0.0 to serve other machines, with worker keys)."),
-    Setting("LISTEN_PORT", "listen_port", parse_port, "8080", "LISTEN_PORT=8080",
-            "Port of Envoy's listener (the workers' entrance)."),
-    Setting("ENVOY_ADMIN_PORT", "envoy_admin_port", parse_port, "9901", "ENVOY_ADMIN_PORT=9901",
-            "Port of Envoy's admin interface (loopback only)."),
-    Setting("EXTPROC_HOST", "extproc_host", parse_host, "127.0.0.1", "EXTPROC_HOST=extproc",
-            "Where Envoy finds the ext_proc service."),
-    Setting("EXTPROC_GRPC_PORT", "extproc_grpc_port", parse_port, "50051", "EXTPROC_GRPC_PORT=50051",
-            "gRPC port of the ext_proc service."),
-    Setting("EXTPROC_ADMIN_PORT", "extproc_admin_port", parse_port, "8081", "EXTPROC_ADMIN_PORT=8081",
-            "HTTP port of the ext_proc's /health and /metrics."),
-    Setting("CANARY_EXTPROC_HOST", "canary_extproc_host", parse_host, "127.0.0.1",
-            "CANARY_EXTPROC_HOST=zai-proxy-canary-extproc",
-            "Where Envoy finds the canary variant's ext_proc service."),
-    Setting("CANARY_EXTPROC_GRPC_PORT", "canary_extproc_grpc_port", parse_port, "50052",
-            "CANARY_EXTPROC_GRPC_PORT=50052", "gRPC port of the canary ext_proc."),
-    Setting("CANARY_EXTPROC_ADMIN_PORT", "canary_extproc_admin_port", parse_port, "8082",
-            "CANARY_EXTPROC_ADMIN_PORT=8082", "HTTP port of the canary ext_proc's /health and /metrics."),
-    Setting("CANARY_WEIGHT", "canary_weight", parse_percent, "0", "CANARY_WEIGHT=10",
-            "Percent of split traffic sent to the canary when the routes file is first written "
-            "(then `zai-proxy weights` or an edit of the routes file changes it live)."),
-    Setting("ENVOY_ROUTES_DIR", "envoy_routes_dir", parse_text, DEFAULT_ROUTES_DIR,
-            "ENVOY_ROUTES_DIR=/etc/envoy/routes",
-            "Directory of Envoy's live routes file (routes.yaml, weights included), watched by Envoy."),
-    Setting("EXTPROC_BIND_ADDRESS", "extproc_bind_address", parse_host, "127.0.0.1",
-            "EXTPROC_BIND_ADDRESS=0.0.0.0", "Address the ext_proc's gRPC and admin servers bind."),
-    Setting("UPSTREAM_CA_FILE", "upstream_ca_file", parse_text, "/etc/ssl/certs/ca-certificates.crt",
-            "UPSTREAM_CA_FILE=/etc/ssl/certs/ca-certificates.crt",
-            "CA bundle Envoy uses to verify Z.AI's certificate."),
-    Setting("MAX_REQUEST_BODY_BYTES", "max_request_body_bytes", parse_positive_int, "33554432",
-            "MAX_REQUEST_BODY_BYTES=33554432",
-            "Largest request body accepted (agent conversations reach several MB)."),
-    Setting("STREAM_IDLE_TIMEOUT_SECONDS", "stream_idle_timeout", parse_seconds, "900",
-            "STREAM_IDLE_TIMEOUT_SECONDS=900",
-            "A stream with no data for this long is cut; there is no overall stream time limit."),
-    Setting("EXTPROC_MESSAGE_TIMEOUT_MS", "extproc_message_timeout_ms", parse_positive_int, "2000",
-            "EXTPROC_MESSAGE_TIMEOUT_MS=2000",
-            "How long Envoy waits for the ext_proc's answer to one message before failing the request."),
-    Setting("MAX_RETRIES", "max_retries", parse_non_negative_int, "8", "MAX_RETRIES=8",
-            "Envoy retries of a failed attempt: connect failures, Z.AI 429s worth retrying "
-            "(1302, 1303, 1305) and 5xx, with backoff honouring retry-after; never quota errors."),
-    Setting("LOG_LEVEL", "log_level", parse_log_level, "INFO", "LOG_LEVEL=INFO", "Log verbosity."),
-    Setting("TOKEN_COUNTING_ENABLED", "token_counting", parse_bool, "true",
-            "TOKEN_COUNTING_ENABLED=false",
-            "Estimate tokens with tiktoken (request input, and output of streams cut before their "
-            "usage). Usage Z.AI reports is always recorded."),
-    Setting("RESPONSE_PROCESSING", "response_processing", parse_processing, "observe",
-            "RESPONSE_PROCESSING=inline",
-            "How Anthropic-format traffic passes the ext_proc. `observe`: Envoy mirrors request and "
-            "response bodies to it without waiting (no added latency per streamed event; token "
-            "counts go to the \"Token usage\" log line and metrics). `inline`: every chunk waits "
-            "for the ext_proc, which also puts the final counts into Envoy's access log. OpenAI-"
-            "format traffic is always inline (the gateway may re-frame its stream)."),
-    Setting("MODEL_LABELS", "model_labels", parse_list, DEFAULT_MODEL_LABELS,
-            "MODEL_LABELS=glm-4.7,glm-4.6",
-            "Models that get their own `model` label value; any other model is counted as `other`."),
-    Setting("RATE_LIMIT_INITIAL", "rate_limit_initial", parse_positive_int, "3", "RATE_LIMIT_INITIAL=3",
-            "Concurrent requests allowed upstream before the limiter has learned anything."),
-    Setting("RATE_LIMIT_MIN", "rate_limit_min", parse_positive_int, "1", "RATE_LIMIT_MIN=1",
-            "The learned concurrency limit never goes below this."),
-    Setting("RATE_LIMIT_MAX", "rate_limit_max", parse_positive_int, "20", "RATE_LIMIT_MAX=20",
-            "The learned concurrency limit never goes above this."),
-    Setting("RATE_LIMIT_PROBE_SECONDS", "rate_limit_probe_seconds", parse_seconds, "15",
-            "RATE_LIMIT_PROBE_SECONDS=15",
-            "How long the limits hold under a learned ceiling before probing one step above it."),
-    Setting("START_RATE_INITIAL", "start_rate_initial", parse_positive_int, "600",
-            "START_RATE_INITIAL=600",
-            "Requests started per minute before the limiter has learned anything (1303 teaches it)."),
-    Setting("START_RATE_MIN", "start_rate_min", parse_positive_int, "12", "START_RATE_MIN=12",
-            "The learned start rate (requests per minute) never goes below this."),
-    Setting("START_RATE_MAX", "start_rate_max", parse_positive_int, "6000", "START_RATE_MAX=6000",
-            "The learned start rate (requests per minute) never goes above this."),
-    Setting("QUEUE_TIMEOUT_SECONDS", "queue_timeout", parse_seconds, "120", "QUEUE_TIMEOUT_SECONDS=120",
-            "Longest a request waits for a free slot before it gets 429 with retry-after."),
-    Setting("QUEUE_MAX", "queue_max", parse_positive_int, "1000", "QUEUE_MAX=1000",
-            "Most requests waiting at once; past it new requests get 429 at once."),
-    Setting("MAX_STREAM_SECONDS", "max_stream_seconds", parse_seconds, "3600", "MAX_STREAM_SECONDS=3600",
-            "Longest a request may run; Envoy ends it then, and a slot lease older than this is reclaimed."),
-    Setting("REDIS_URL", "redis_url", parse_text, None, "REDIS_URL=redis://redis:6379/0",
-            "Shared limiter state for several replicas; without it all limits are in-process."),
-    Setting("LIMITER_STATE_FILE", "limiter_state_file", parse_text, DEFAULT_STATE_FILE,
-            "LIMITER_STATE_FILE=/var/lib/zai-proxy/limiter.json",
-            "Where a single replica keeps the learned limits across restarts (stale state expires)."),
-    Setting("WORKER_BUDGETS_FILE", "worker_budgets_file", parse_text, None,
-            "WORKER_BUDGETS_FILE=/etc/zai-proxy/budgets",
-            "Optional per-worker budgets, lines `worker rpm=60 tpm=200000` (`*` = every worker)."),
-    Setting("ADMIN_TOKEN", "admin_token", parse_text, None, "ADMIN_TOKEN=<a long random string>",
-            "Bearer token for the ext_proc's admin endpoints (POST /admin/limiter/reset); unset "
-            "disables them.", secret=True),
-    Setting("PRICES_FILE", "prices_file", parse_text, None, "PRICES_FILE=/etc/zai-proxy/prices.json",
-            "JSON price table for the estimated-cost metric (shape: extproc/telemetry/pricing.py); "
-            "built-in GLM list prices otherwise."),
-)
+_SETTING = "zai_proxy.setting"  # key of a field's `Setting` in its dataclass metadata
+
+
+def setting(env: str, parse: Callable[[str], Any], default: str | None, example: str, meaning: str, *,
+            secret: bool = False, shown_default: str | None = None) -> Any:
+    """A `Settings` field read from `env`: its default is `parse(default)`, parsed once here."""
+    declared = Setting(env, "", parse, default, example, meaning, secret, shown_default)
+    kwargs: dict[str, Any] = {"repr": not secret, "metadata": {_SETTING: declared}}
+    if default is None:
+        return field(default=None, **kwargs)
+    value = parse(default)
+    try:
+        hash(value)
+    except TypeError:  # a mutable value: every Settings gets its own
+        return field(default_factory=lambda: parse(default), **kwargs)
+    return field(default=value, **kwargs)
 
 
 @dataclass(frozen=True)
 class Settings:
-    api_key: str | None = field(default=None, repr=False)
-    api_key_file: str | None = None
-    anthropic_url: UpstreamUrl = field(default_factory=lambda: parse_url("https://api.z.ai/api/anthropic"))
-    openai_url: UpstreamUrl = field(default_factory=lambda: parse_url("https://api.z.ai/api/coding/paas/v4"))
-    deployment_variant: str = "production"
-    worker_keys_file: str | None = None
-    listen_address: str = "127.0.0.1"
-    listen_port: int = 8080
-    envoy_admin_port: int = 9901
-    extproc_host: str = "127.0.0.1"
-    extproc_grpc_port: int = 50051
-    extproc_admin_port: int = 8081
-    extproc_bind_address: str = "127.0.0.1"
-    canary_extproc_host: str = "127.0.0.1"
-    canary_extproc_grpc_port: int = 50052
-    canary_extproc_admin_port: int = 8082
-    canary_weight: int = 0
-    envoy_routes_dir: str = DEFAULT_ROUTES_DIR
-    upstream_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
-    max_request_body_bytes: int = 33554432
-    stream_idle_timeout: float = 900.0
-    extproc_message_timeout_ms: int = 2000
-    max_retries: int = 8
-    log_level: str = "INFO"
-    token_counting: bool = True
-    response_processing: str = "observe"
-    model_labels: tuple[str, ...] = tuple(DEFAULT_MODEL_LABELS.split(","))
-    prices_file: str | None = None
-    rate_limit_initial: int = 3
-    rate_limit_min: int = 1
-    rate_limit_max: int = 20
-    rate_limit_probe_seconds: float = 15.0
-    start_rate_initial: int = 600
-    start_rate_min: int = 12
-    start_rate_max: int = 6000
-    queue_timeout: float = 120.0
-    queue_max: int = 1000
-    max_stream_seconds: float = 3600.0
-    redis_url: str | None = None
-    limiter_state_file: str = DEFAULT_STATE_FILE
-    worker_budgets_file: str | None = None
-    admin_token: str | None = field(default=None, repr=False)
+    """The gateway's configuration; each field declares its variable, default, parser and help once."""
+
+    api_key: str | None = setting(
+        "ZAI_API_KEY", parse_text, None, "ZAI_API_KEY=<your Z.AI key>",
+        "The real upstream key. Without it (and without `ZAI_API_KEY_FILE`) `zai-proxy up` runs the "
+        "built-in Z.AI emulator.", secret=True)
+    api_key_file: str | None = setting(
+        "ZAI_API_KEY_FILE", parse_text, None, "ZAI_API_KEY_FILE=/var/run/secrets/zai/api-key",
+        "File holding the upstream key (e.g. a Kubernetes secret mount); re-read when it changes.")
+    anthropic_url: UpstreamUrl = setting(  # noqa: RUF009 (UpstreamUrl is frozen: one shared default is safe)
+        "ZAI_TARGET_URL", parse_url, "https://api.z.ai/api/anthropic",
+        "ZAI_TARGET_URL=https://api.z.ai/api/anthropic", "Z.AI's Anthropic-compatible base URL.")
+    openai_url: UpstreamUrl = setting(  # noqa: RUF009 (as above)
+        "ZAI_OPENAI_URL", parse_url, "https://api.z.ai/api/coding/paas/v4",
+        "ZAI_OPENAI_URL=https://api.z.ai/api/paas/v4",
+        "Z.AI's OpenAI-compatible base URL (coding plan by default; the general API is `/api/paas/v4`).")
+    deployment_variant: str = setting(
+        "DEPLOYMENT_VARIANT", parse_label, "production", "DEPLOYMENT_VARIANT=canary",
+        "Value of the `deployment_variant` label on every metric.")
+    worker_keys_file: str | None = setting(
+        "WORKER_KEYS_FILE", parse_text, None, "WORKER_KEYS_FILE=/etc/zai-proxy/worker-keys",
+        "Optional `name key` lines; when set, requests must carry one of these keys.")
+    listen_address: str = setting(
+        "LISTEN_ADDRESS", parse_host, "127.0.0.1", "LISTEN_ADDRESS=0.0.0.0",
+        "Address Envoy's listener binds (use `0.0.0.0` to serve other machines, with worker keys).")
+    listen_port: int = setting(
+        "LISTEN_PORT", parse_port, "8080", "LISTEN_PORT=8080",
+        "Port of Envoy's listener (the workers' entrance).")
+    envoy_admin_port: int = setting(
+        "ENVOY_ADMIN_PORT", parse_port, "9901", "ENVOY_ADMIN_PORT=9901",
+        "Port of Envoy's admin interface (loopback only).")
+    extproc_host: str = setting(
+        "EXTPROC_HOST", parse_host, "127.0.0.1", "EXTPROC_HOST=extproc",
+        "Where Envoy finds the ext_proc service.")
+    extproc_grpc_port: int = setting(
+        "EXTPROC_GRPC_PORT", parse_port, "50051", "EXTPROC_GRPC_PORT=50051",
+        "gRPC port of the ext_proc service.")
+    extproc_admin_port: int = setting(
+        "EXTPROC_ADMIN_PORT", parse_port, "8081", "EXTPROC_ADMIN_PORT=8081",
+        "HTTP port of the ext_proc's `/health` and `/metrics`.")
+    canary_extproc_host: str = setting(
+        "CANARY_EXTPROC_HOST", parse_host, "127.0.0.1", "CANARY_EXTPROC_HOST=zai-proxy-canary-extproc",
+        "Where Envoy finds the canary variant's ext_proc service.")
+    canary_extproc_grpc_port: int = setting(
+        "CANARY_EXTPROC_GRPC_PORT", parse_port, "50052", "CANARY_EXTPROC_GRPC_PORT=50052",
+        "gRPC port of the canary ext_proc.")
+    canary_extproc_admin_port: int = setting(
+        "CANARY_EXTPROC_ADMIN_PORT", parse_port, "8082", "CANARY_EXTPROC_ADMIN_PORT=8082",
+        "HTTP port of the canary ext_proc's `/health` and `/metrics`.")
+    canary_weight: int = setting(
+        "CANARY_WEIGHT", parse_percent, "0", "CANARY_WEIGHT=10",
+        "Percent of split traffic sent to the canary when the routes file is first written (then "
+        "`zai-proxy weights` or an edit of the routes file changes it live).")
+    envoy_routes_dir: str = setting(
+        "ENVOY_ROUTES_DIR", parse_text, DEFAULT_ROUTES_DIR, "ENVOY_ROUTES_DIR=/etc/envoy/routes",
+        "Directory of Envoy's live routes file (`routes.yaml`, weights included), watched by Envoy.",
+        shown_default=_ROUTES_DIR_SHOWN)
+    extproc_bind_address: str = setting(
+        "EXTPROC_BIND_ADDRESS", parse_host, "127.0.0.1", "EXTPROC_BIND_ADDRESS=0.0.0.0",
+        "Address the ext_proc's gRPC and admin servers bind.")
+    upstream_ca_file: str = setting(
+        "UPSTREAM_CA_FILE", parse_text, "/etc/ssl/certs/ca-certificates.crt",
+        "UPSTREAM_CA_FILE=/etc/ssl/certs/ca-certificates.crt",
+        "CA bundle Envoy uses to verify Z.AI's certificate.")
+    max_request_body_bytes: int = setting(
+        "MAX_REQUEST_BODY_BYTES", parse_positive_int, "33554432", "MAX_REQUEST_BODY_BYTES=33554432",
+        "Largest request body accepted (agent conversations reach several MB).")
+    stream_idle_timeout: float = setting(
+        "STREAM_IDLE_TIMEOUT_SECONDS", parse_seconds, "900", "STREAM_IDLE_TIMEOUT_SECONDS=900",
+        "A stream with no data for this long is cut; there is no overall stream time limit.")
+    extproc_message_timeout_ms: int = setting(
+        "EXTPROC_MESSAGE_TIMEOUT_MS", parse_positive_int, "2000", "EXTPROC_MESSAGE_TIMEOUT_MS=2000",
+        "How long Envoy waits for the ext_proc's answer to one message before failing the request.")
+    max_retries: int = setting(
+        "MAX_RETRIES", parse_non_negative_int, "8", "MAX_RETRIES=8",
+        "Envoy retries of a failed attempt: connect failures, Z.AI 429s worth retrying (1302, 1303, "
+        "1305) and 5xx, with backoff honouring `retry-after`; never quota errors.")
+    log_level: str = setting(
+        "LOG_LEVEL", parse_log_level, "INFO", "LOG_LEVEL=INFO", "Log verbosity.")
+    token_counting: bool = setting(
+        "TOKEN_COUNTING_ENABLED", parse_bool, "true", "TOKEN_COUNTING_ENABLED=false",
+        "Estimate tokens with tiktoken (request input, and output of streams cut before their usage). "
+        "Usage Z.AI reports is always recorded.")
+    response_processing: str = setting(
+        "RESPONSE_PROCESSING", parse_processing, "observe", "RESPONSE_PROCESSING=inline",
+        "How Anthropic-format traffic passes the ext_proc. `observe`: Envoy mirrors request and "
+        "response bodies to it without waiting (no added latency per streamed event; token counts go "
+        "to the \"Token usage\" log line and metrics, and Envoy's access log carries the `session` "
+        "that joins them). `inline`: every chunk waits for the ext_proc, which also puts the final "
+        "counts into Envoy's access log. OpenAI-format traffic is always inline (the gateway may "
+        "re-frame its stream).")
+    model_labels: tuple[str, ...] = setting(
+        "MODEL_LABELS", parse_list, DEFAULT_MODEL_LABELS, "MODEL_LABELS=glm-4.7,glm-4.6",
+        "Models that get their own `model` label value; any other model is counted as `other`.")
+    rate_limit_initial: int = setting(
+        "RATE_LIMIT_INITIAL", parse_positive_int, "3", "RATE_LIMIT_INITIAL=3",
+        "Concurrent requests allowed upstream before the limiter has learned anything.")
+    rate_limit_min: int = setting(
+        "RATE_LIMIT_MIN", parse_positive_int, "1", "RATE_LIMIT_MIN=1",
+        "The learned concurrency limit never goes below this.")
+    rate_limit_max: int = setting(
+        "RATE_LIMIT_MAX", parse_positive_int, "20", "RATE_LIMIT_MAX=20",
+        "The learned concurrency limit never goes above this.")
+    rate_limit_probe_seconds: float = setting(
+        "RATE_LIMIT_PROBE_SECONDS", parse_seconds, "15", "RATE_LIMIT_PROBE_SECONDS=15",
+        "How long the limits hold under a learned ceiling before probing one step above it.")
+    start_rate_initial: int = setting(
+        "START_RATE_INITIAL", parse_positive_int, "600", "START_RATE_INITIAL=600",
+        "Requests started per minute before the limiter has learned anything (1303 teaches it).")
+    start_rate_min: int = setting(
+        "START_RATE_MIN", parse_positive_int, "12", "START_RATE_MIN=12",
+        "The learned start rate (requests per minute) never goes below this.")
+    start_rate_max: int = setting(
+        "START_RATE_MAX", parse_positive_int, "6000", "START_RATE_MAX=6000",
+        "The learned start rate (requests per minute) never goes above this.")
+    queue_timeout: float = setting(
+        "QUEUE_TIMEOUT_SECONDS", parse_seconds, "120", "QUEUE_TIMEOUT_SECONDS=120",
+        "Longest a request waits for a free slot before it gets 429 with `retry-after`.")
+    queue_max: int = setting(
+        "QUEUE_MAX", parse_positive_int, "1000", "QUEUE_MAX=1000",
+        "Most requests waiting at once; past it new requests get 429 at once.")
+    max_stream_seconds: float = setting(
+        "MAX_STREAM_SECONDS", parse_seconds, "3600", "MAX_STREAM_SECONDS=3600",
+        "Longest a request may run; Envoy ends it then, and a slot lease older than this is reclaimed.")
+    redis_url: str | None = setting(
+        "REDIS_URL", parse_text, None, "REDIS_URL=redis://redis:6379/0",
+        "Shared limiter state for several replicas; without it all limits are in-process.")
+    limiter_state_file: str = setting(
+        "LIMITER_STATE_FILE", parse_text, DEFAULT_STATE_FILE,
+        "LIMITER_STATE_FILE=/var/lib/zai-proxy/limiter.json",
+        "Where a single replica keeps the learned limits across restarts (stale state expires).",
+        shown_default=_STATE_FILE_SHOWN)
+    worker_budgets_file: str | None = setting(
+        "WORKER_BUDGETS_FILE", parse_text, None, "WORKER_BUDGETS_FILE=/etc/zai-proxy/budgets",
+        "Optional per-worker budgets, lines `worker rpm=60 tpm=200000` (`*` = every worker).")
+    admin_token: str | None = setting(
+        "ADMIN_TOKEN", parse_text, None, "ADMIN_TOKEN=<a long random string>",
+        "Bearer token for the ext_proc's admin endpoints (`POST /admin/limiter/reset`); unset disables "
+        "them.", secret=True)
+    prices_file: str | None = setting(
+        "PRICES_FILE", parse_text, None, "PRICES_FILE=/etc/zai-proxy/prices.json",
+        "JSON price table for the estimated-cost metric (shape: `extproc/telemetry/pricing.py`); "
+        "built-in GLM list prices otherwise.")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for setting in SETTINGS:
-            raw = env.get(setting.env)
+        for declared in SETTINGS:
+            raw = env.get(declared.env)
             if raw is None or raw.strip() == "":
-                if setting.default is None:
+                if declared.default is None:
                     continue
-                raw = setting.default
+                raw = declared.default
             try:
-                values[setting.attr] = setting.parse(raw)
+                values[declared.attr] = declared.parse(raw)
             except ValueError as exc:
-                shown = "<hidden>" if setting.secret else repr(raw)
+                shown = "<hidden>" if declared.secret else repr(raw)
                 raise ConfigError(
-                    f"{setting.env}={shown} {exc}; for example: {setting.example}"
+                    f"{declared.env}={shown} {exc}; for example: {declared.example}"
                 ) from None
         return cls(**values).check_ranges()
 
@@ -362,7 +382,7 @@ class Settings:
     def has_upstream_key(self) -> bool:
         return bool(self.api_key or self.api_key_file)
 
-    def check_ranges(self) -> "Settings":
+    def check_ranges(self) -> Settings:
         """Cross-setting checks that no single parser can make."""
         if not self.rate_limit_min <= self.rate_limit_initial <= self.rate_limit_max:
             raise ConfigError(
@@ -382,3 +402,59 @@ class Settings:
                 "no upstream key: set ZAI_API_KEY (for example: ZAI_API_KEY=<your Z.AI key>) or "
                 "ZAI_API_KEY_FILE (for example: ZAI_API_KEY_FILE=/var/run/secrets/zai/api-key)"
             )
+
+
+SETTINGS: tuple[Setting, ...] = tuple(
+    dataclasses.replace(f.metadata[_SETTING], attr=f.name)
+    for f in dataclasses.fields(Settings) if _SETTING in f.metadata
+)
+
+_TABLE_HEADER = "| variable | default | meaning |"
+_README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def settings_table() -> str:
+    """The README's configuration table (Markdown), one row per setting in declaration order."""
+    rows = [_TABLE_HEADER, "|---|---|---|"]
+    for s in SETTINGS:
+        default = s.default if s.shown_default is None else s.shown_default
+        shown = "—" if default is None else f"`{default}`"
+        meaning = s.meaning.replace("|", "\\|")
+        rows.append(f"| `{s.env}` | {shown} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def replace_settings_table(readme: str) -> str:
+    """`readme` with its configuration table (the header row and the table rows below it) rewritten."""
+    lines = readme.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.rstrip("\n") == _TABLE_HEADER]
+    if len(starts) != 1:
+        raise ValueError(f"expected one line {_TABLE_HEADER!r} in the README, found {len(starts)}")
+    end = starts[0]
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return "".join(lines[:starts[0]]) + settings_table() + "".join(lines[end:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m extproc.config", description="The configuration table, from the settings' declarations.")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--table", action="store_true", help="print the README's configuration table")
+    what.add_argument("--write-readme", nargs="?", const=str(_README), metavar="README",
+                      help=f"rewrite the configuration table in README (default: {_README}) in place")
+    args = parser.parse_args(argv)
+    if args.table:
+        sys.stdout.write(settings_table())
+        return 0
+    path = Path(args.write_readme)
+    text = path.read_text(encoding="utf-8")
+    updated = replace_settings_table(text)
+    if updated != text:
+        path.write_text(updated, encoding="utf-8")
+    print(f"{path}: configuration table {'rewritten' if updated != text else 'already up to date'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

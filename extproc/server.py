@@ -14,8 +14,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.telemetry.admin import build_admin_app
-from extproc.api import Api
 from extproc.config import ConfigError, Settings
+from extproc.variants import DEFAULT
 from extproc.proxy.attempt import AttemptVerdict
 from extproc.proxy.keys import KeyUnavailable, UpstreamKey, WorkerKeys, fingerprint
 from extproc.limiter.account import AccountLimiter, LimiterSettings, load_budgets
@@ -27,7 +27,7 @@ from extproc.limiter.stores.local import LocalStore
 from extproc.telemetry.metrics import LimiterMetrics, Metrics
 from extproc.telemetry.pricing import PriceTable
 from extproc.telemetry.usage_record import Reporter
-from extproc.accounting.request_body import RequestInfo, parse_request_async
+from extproc.accounting.estimator import TiktokenEstimator
 from extproc.proxy.servicer import ExternalProcessor
 from extproc.proxy.session import Gateway
 from extproc.accounting.tokens import TokenCounter
@@ -72,27 +72,12 @@ def build_limiter(settings: Settings, account: str, metrics: LimiterMetrics) -> 
 
 
 def _per_variant(path: str, variant: str) -> str:
-    """Variants run as separate processes: each keeps its own state file."""
-    if variant == "production":
+    """Variants run as separate processes: each keeps its own state file (the default variant's
+    is the file named)."""
+    if variant == DEFAULT.value:
         return path
     root, ext = os.path.splitext(path)
     return f"{root}-{variant}{ext}"
-
-
-class TiktokenEstimator:
-    """The session's `Estimator`: request parsing and token counts, big ones off the loop."""
-
-    def __init__(self, counter: TokenCounter) -> None:
-        self.counter = counter
-
-    async def parse(self, body: bytes, api: Api) -> RequestInfo:
-        return await parse_request_async(body, api, self.counter.executor)
-
-    async def count(self, info: RequestInfo) -> int:
-        return await self.counter.count(info)
-
-    async def count_text(self, text: str) -> int:
-        return await self.counter.count_text_async(text)
 
 
 class Service:
@@ -152,7 +137,7 @@ async def serve(service: Service, stop: asyncio.Event | None = None) -> None:
     ])
     await service.limiter.start()
     pb_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessor(service.gateway, service.on_stream, service.on_attempt), server)
+        ExternalProcessor(service.gateway, service.on_stream), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     grpc_address = f"{settings.extproc_bind_address}:{settings.extproc_grpc_port}"

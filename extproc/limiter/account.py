@@ -2,7 +2,7 @@
 quota gate, per-worker budgets, learned state that survives restarts, and a housekeeping loop.
 
 This is the edge between the pure algorithms and their I/O (the state store — in-process or
-Redis — and the state file); the session and the attempt observer talk only to this.
+Redis — and the state file); the session and the attempt filter talk only to this.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from extproc.limiter.adaptive import AdaptiveLimit, AdaptiveParams, Adjustment
 from extproc.limiter.admission import Admission, AdmissionHooks, Permit, Rejected
-from extproc.limiter.budget import BudgetConfig, parse_budgets
+from extproc.limiter.budget import EVERY_WORKER, BudgetConfig, parse_budgets
 from extproc.limiter.quota import QuotaGate
 from extproc.limiter.signals import Signal, quota_reset_at, reset_from_retry_after
 from extproc.limiter.stores.base import LimiterStore, StoreUnavailable
@@ -90,7 +90,7 @@ class AccountLimiter:
 
     def budget_for(self, worker: str) -> BudgetConfig | None:
         budgets = self.settings.budgets
-        config = budgets.get(worker) or budgets.get("*")
+        config = budgets.get(worker) or budgets.get(EVERY_WORKER)
         return None if config is None or config.unlimited else config
 
     def will_wait(self) -> bool:
@@ -136,7 +136,7 @@ class AccountLimiter:
             asyncio.ensure_future(self._share_gate(until, info))
             log.warning("quota gate closed", extra={"code": code, "until": until})
         else:
-            self.admission.observe(signal)
+            self.admission.learn(signal)
 
     async def _share_gate(self, until: float, info: dict[str, Any]) -> None:
         try:

@@ -233,10 +233,10 @@ class Admission:
             await self.store.release_slot(self.account, permit.lease_id)
         finally:
             if signal is not None:
-                self.observe(signal, load)
+                self.learn(signal, load)
             self._kick()
 
-    def observe(self, signal: Signal, load: int | None = None) -> None:
+    def learn(self, signal: Signal, load: int | None = None) -> None:
         """Feed an upstream answer to the adaptive limits (also used for retried attempts).
 
         The load is what Z.AI was serving for us: the requests it accepted and is still

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEFAULT_WORKER = "*"
+# The budget line that applies to every worker without a line of its own.
+EVERY_WORKER = "*"
 
 
 

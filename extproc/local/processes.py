@@ -1,6 +1,6 @@
 """Child processes of the local stack (emulator, ext_proc, Envoy): start, wait ready, forward
-logs, stop. Used by `zai-proxy up` and by the integration tests, so tests start the stack the
-same way users do."""
+logs, stop. Used by `zai-proxy up`, by the integration tests and by the benchmark
+(bench/gateway.py), so all three start the stack the same way."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import IO, Callable, Mapping
 
 import aiohttp
 
@@ -25,6 +25,25 @@ LineSink = Callable[[str, str], None]
 def print_sink(name: str, line: str) -> None:
     sys.stdout.write(f"[{name}] {line}\n")
     sys.stdout.flush()
+
+
+class FileSink:
+    """A `LineSink` writing each child's lines to `<directory>/<child name>.log`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._files: dict[str, IO[str]] = {}
+
+    def __call__(self, name: str, line: str) -> None:
+        out = self._files.get(name)
+        if out is None:
+            out = self._files[name] = open(self.directory / f"{name}.log", "a", buffering=1)
+        out.write(line + "\n")
+
+    def close(self) -> None:
+        for out in self._files.values():
+            out.close()
+        self._files.clear()
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
@@ -63,6 +82,10 @@ class Child:
     pumps: list[asyncio.Task[None]] = field(default_factory=list)
     first_line: asyncio.Future[str] | None = None
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
 
 class ProcessGroup:
     """Children that live and die together."""
@@ -72,18 +95,31 @@ class ProcessGroup:
         self.children: list[Child] = []
 
     async def start(self, name: str, argv: list[str], env: Mapping[str, str],
-                    capture_first_stdout_line: bool = False) -> Child:
-        process = await asyncio.create_subprocess_exec(
-            *argv, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True, preexec_fn=die_with_parent)
+                    capture_first_stdout_line: bool = False, log_file: Path | None = None) -> Child:
+        """Start `argv`; its stdout and stderr lines go to the sink, or, with `log_file`, straight
+        from the child into that file (nothing passes through this process: for children whose
+        log volume must not load it, as in the benchmark)."""
+        if log_file is not None and capture_first_stdout_line:
+            raise ValueError("capture_first_stdout_line needs the child's stdout: no log_file")
+        out = open(log_file, "ab") if log_file is not None else None
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE if out is None else out,
+                stderr=asyncio.subprocess.PIPE if out is None else asyncio.subprocess.STDOUT,
+                start_new_session=True, preexec_fn=die_with_parent)
+        finally:
+            if out is not None:
+                out.close()  # the child has its own copy
         child = Child(name, process)
+        self.children.append(child)
+        if out is not None:
+            return child
         if capture_first_stdout_line:
             child.first_line = asyncio.get_running_loop().create_future()
         assert process.stdout and process.stderr
         child.pumps = [asyncio.create_task(self._pump(child, process.stdout, child.first_line)),
                        asyncio.create_task(self._pump(child, process.stderr, None))]
-        self.children.append(child)
         return child
 
     async def _pump(self, child: Child, stream: asyncio.StreamReader,

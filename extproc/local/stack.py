@@ -1,7 +1,8 @@
 """The local stack — emulator (when there is no real key), ext_proc, Envoy — wired together.
 
 `zai-proxy up` runs it for users; the integration tests run it too, so both exercise the same
-start-up path, configuration and Envoy bootstrap.
+start-up path, configuration and Envoy bootstrap. The benchmark (bench/gateway.py) starts its
+set-ups' processes with the functions below (`envoy_argv`, `start_emulator`, `start_extproc`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
+from urllib.parse import urlsplit
 
 from extproc.config import Settings
 from extproc.routing.envoy_config import write as write_envoy_config
@@ -25,6 +27,51 @@ class Emulator:
     url: str  # scheme://host:port, without a base path
     key: str = field(repr=False)
     child: Child
+
+    @property
+    def port(self) -> int:
+        port = urlsplit(self.url).port
+        assert port is not None
+        return port
+
+
+def envoy_argv(config: Path, log_level: str = "warning", extra_args: Sequence[str] = ()) -> list[str]:
+    """Envoy's command line in the local stack, with `extra_args` after it (the benchmark adds
+    `--concurrency 2`)."""
+    return [envoy_binary(), "-c", str(config), "--log-level", log_level,
+            "--disable-hot-restart", "--file-flush-interval-msec", "500",
+            "--component-log-level", "upstream:error", *extra_args]
+
+
+async def start_emulator(group: ProcessGroup, env: Mapping[str, str], args: Sequence[str] = (),
+                         tls_dir: Path | None = None) -> Emulator:
+    """The emulator on a loopback port it picks and announces, accepting a fresh key: HTTPS for
+    `EMULATOR_HOST` with a local CA written to `tls_dir`, or plain http on 127.0.0.1 without it."""
+    key = "emu-" + secrets.token_urlsafe(24)
+    scheme, host = "http", "127.0.0.1"
+    tls_args: list[str] = []
+    if tls_dir is not None:
+        tls = make_local_tls(tls_dir, EMULATOR_HOST)
+        scheme, host = "https", EMULATOR_HOST
+        tls_args = ["--tls-cert", str(tls.cert_file), "--tls-key", str(tls.key_file)]
+    child = await group.start("emulator", python_argv(
+        "extproc.emulator", "--host", "127.0.0.1", "--port", "0",
+        "--api-key-env", "ZAI_EMULATOR_KEY", *tls_args, *args),
+        child_env(env, ZAI_EMULATOR_KEY=key), capture_first_stdout_line=True)
+    port = await listening_port(child)
+    return Emulator(f"{scheme}://{host}:{port}", key, child)
+
+
+async def start_extproc(group: ProcessGroup, name: str, env: Mapping[str, str],
+                        argv: Sequence[str] | None = None, health_url: str | None = None,
+                        timeout: float = 30.0, log_file: Path | None = None) -> Child:
+    """An ext_proc: `python -m extproc serve` configured by `env`, or the program `argv` (the
+    benchmark's pass-through); with `health_url`, returns once that answers 200."""
+    child = await group.start(name, list(argv) if argv else python_argv("extproc", "serve"), env,
+                              log_file=log_file)
+    if health_url is not None:
+        await wait_http_ok(health_url, timeout, child)
+    return child
 
 
 class LocalStack:
@@ -61,23 +108,11 @@ class LocalStack:
             await self.start_extproc(timeout, variant)
         # The routes file is written afresh from CANARY_WEIGHT; `zai-proxy weights` edits it live.
         config = write_envoy_config(self.settings, self.run_dir / "envoy.yaml", routes="replace")
-        envoy = await self.group.start("envoy", [
-            envoy_binary(), "-c", str(config), "--log-level", self.envoy_log_level,
-            "--disable-hot-restart", "--file-flush-interval-msec", "500",
-            "--component-log-level", "upstream:error"], self.env)
+        envoy = await self.group.start("envoy", envoy_argv(config, self.envoy_log_level), self.env)
         await wait_http_ok(f"{self.listener_url}/health", timeout, envoy)
 
     async def start_emulator(self) -> Emulator:
-        tls = make_local_tls(self.run_dir, EMULATOR_HOST)
-        key = "emu-" + secrets.token_urlsafe(24)
-        child = await self.group.start("emulator", python_argv(
-            "extproc.emulator", "--host", "127.0.0.1", "--port", "0",
-            "--api-key-env", "ZAI_EMULATOR_KEY",
-            "--tls-cert", str(tls.cert_file), "--tls-key", str(tls.key_file),
-            *self.emulator_args), child_env(self.base_env, ZAI_EMULATOR_KEY=key),
-            capture_first_stdout_line=True)
-        port = await listening_port(child)
-        return Emulator(f"https://{EMULATOR_HOST}:{port}", key, child)
+        return await start_emulator(self.group, self.base_env, self.emulator_args, tls_dir=self.run_dir)
 
     async def start_extproc(self, timeout: float = 30.0, variant: str = "production") -> Child:
         env, port = self.env, self.settings.extproc_admin_port
@@ -88,9 +123,8 @@ class LocalStack:
                 "EXTPROC_GRPC_PORT": str(self.settings.canary_extproc_grpc_port),
                 "EXTPROC_ADMIN_PORT": str(port)}
         name = "extproc" if variant == "production" else f"extproc-{variant}"
-        child = await self.group.start(name, python_argv("extproc", "serve"), env)
-        await wait_http_ok(f"http://127.0.0.1:{port}/health", timeout, child)
-        return child
+        return await start_extproc(self.group, name, env, health_url=f"http://127.0.0.1:{port}/health",
+                                   timeout=timeout)
 
     async def stop_extproc(self, variant: str = "production") -> None:
         await self.group.stop("extproc" if variant == "production" else f"extproc-{variant}")

@@ -29,7 +29,7 @@ class AttemptVerdict:
     retry_after: str | None
 
 
-Observe = Callable[[AttemptVerdict], None]
+Report = Callable[[AttemptVerdict], None]
 
 
 def _message(doc: object) -> str | None:
@@ -42,10 +42,10 @@ def _message(doc: object) -> str | None:
 class AttemptSession:
     """Driven by the upstream filter's phases; reports one verdict per attempt."""
 
-    __slots__ = ("observe", "status", "retry_after", "reported")
+    __slots__ = ("report", "status", "retry_after", "reported")
 
-    def __init__(self, observe: Observe) -> None:
-        self.observe = observe
+    def __init__(self, report: Report) -> None:
+        self.report = report
         self.status = 0
         self.retry_after: str | None = None
         self.reported = False
@@ -72,5 +72,5 @@ class AttemptSession:
         self.reported = True
         err_type, code = error_fields(doc)
         signal = classify(self.status, code, err_type)
-        self.observe(AttemptVerdict(signal, code, _message(doc), self.retry_after))
+        self.report(AttemptVerdict(signal, code, _message(doc), self.retry_after))
         return ((RETRY_HEADER, "true"),) if retryable(signal) and self.status >= 400 else ()

@@ -18,15 +18,16 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import duration_pb2, struct_pb2
 
-from extproc.proxy.attempt import AttemptSession, AttemptVerdict
-from extproc.proxy.session import BodyChange, Gateway, HeaderChanges, ImmediateReply, RequestSession
+from extproc.proxy.attempt import AttemptSession
+from extproc.proxy.answers import BodyChange, HeaderChanges, Hold, ImmediateReply
+from extproc.proxy.session import Gateway, RequestSession
 
 log = logging.getLogger(__name__)
 
 # Envoy's upstream (per-attempt) ext_proc filter and the observer (copies of bodies, answered
 # with nothing) announce themselves with this gRPC metadata (envoy/envoy.yaml).
-PHASE_METADATA = ("x-zai-proxy-phase", "attempt")
-OBSERVER_METADATA = ("x-zai-proxy-phase", "observe")
+ATTEMPT_METADATA = ("x-zai-proxy-phase", "attempt")
+OBSERVER_METADATA = ("x-zai-proxy-phase", "observer")
 
 # Envoy's access log reads the numbers from this dynamic-metadata namespace (envoy/envoy.yaml).
 METADATA_NAMESPACE = "zai_proxy"
@@ -85,20 +86,18 @@ def extend_timeout(seconds: float) -> pb.ProcessingResponse:
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, gateway: Gateway, on_stream: Callable[[int], None] = lambda delta: None,
-                 on_attempt: Callable[[AttemptVerdict], None] = lambda verdict: None):
+    def __init__(self, gateway: Gateway, on_stream: Callable[[int], None] = lambda delta: None):
         self.gateway = gateway
         self._on_stream = on_stream
-        self._on_attempt = on_attempt
         self._closing: set[asyncio.Task[object]] = set()
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
         metadata = context.invocation_metadata() or ()
         if OBSERVER_METADATA in metadata:
-            await self._observe(request_iterator)
+            await self._observer(request_iterator)
             return
-        if PHASE_METADATA in metadata:
+        if ATTEMPT_METADATA in metadata:
             async for response in self._attempt(request_iterator):
                 yield response
             return
@@ -115,22 +114,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     else:
                         yield await self._response_body(session, replacement, body.end_of_stream)
                 elif phase == "request_headers":
-                    result = session.on_request_headers(header_map(request.request_headers))
-                    if isinstance(result, HeaderChanges):
-                        # Admission: the request waits here (before anything goes upstream)
-                        # until the account has room.
-                        wait = session.admission_wait()
-                        if wait is not None:
-                            yield extend_timeout(wait)
-                        rejection = await session.admit()
-                        result = result if rejection is None else rejection
-                    if isinstance(result, ImmediateReply):
-                        yield immediate(result)
-                        await session.complete(completed=True)
-                    else:
-                        yield with_metadata(pb.ProcessingResponse(request_headers=pb.HeadersResponse(
-                            response=pb.CommonResponse(header_mutation=mutation(result)))),
-                            {"session": session.session_id})
+                    async for answer in session.request_headers(header_map(request.request_headers)):
+                        yield self._headers_answer(session, answer)
                 elif phase == "request_body":
                     body = request.request_body
                     change = await session.on_request_body(body.body, body.end_of_stream)
@@ -159,7 +144,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 
     async def _attempt(self, request_iterator: AsyncIterator[pb.ProcessingRequest]) -> AsyncIterator[pb.ProcessingResponse]:
         """One upstream attempt (Envoy's upstream filter): classify it, mark retryable 429s."""
-        attempt = AttemptSession(self._on_attempt)
+        attempt = AttemptSession(self.gateway.on_attempt)
         async for request in request_iterator:
             phase = request.WhichOneof("request")
             if phase == "response_headers":
@@ -179,7 +164,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             elif phase == "request_body":
                 yield _REQUEST_BODY_OK
 
-    async def _observe(self, request_iterator: AsyncIterator[pb.ProcessingRequest]) -> None:
+    async def _observer(self, request_iterator: AsyncIterator[pb.ProcessingRequest]) -> None:
         """The observer's stream: copies of one request's bodies and response headers, sent by
         Envoy without waiting (observability mode), so nothing is answered. The request is found
         through the session id its request filter put into the forwarded dynamic metadata."""
@@ -221,6 +206,17 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         if fields is None or "session" not in fields.fields:
             return None
         return self.gateway.sessions.get(fields.fields["session"].string_value)
+
+    @staticmethod
+    def _headers_answer(session: RequestSession,
+                        answer: HeaderChanges | ImmediateReply | Hold) -> pb.ProcessingResponse:
+        if isinstance(answer, Hold):
+            return extend_timeout(answer.seconds)
+        if isinstance(answer, ImmediateReply):
+            return immediate(answer)
+        return with_metadata(pb.ProcessingResponse(request_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(header_mutation=mutation(answer)))),
+            {"session": session.session_id})
 
     @staticmethod
     def _body_change(change: BodyChange) -> pb.ProcessingResponse:

@@ -13,17 +13,20 @@ import asyncio
 import itertools
 import math
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol
 
-import orjson
 
 from extproc.api import Api, Endpoint, endpoint_for_path, error_body
+from extproc.proxy.answers import BodyChange, HeaderChanges, Hold, ImmediateReply
+from extproc.proxy.outcome import Outcome, Recorder, Tokens
 from extproc.proxy.keys import KeyUnavailable, UpstreamKey, WorkerKeys
 from extproc.limiter.account import AccountLimiter
 from extproc.limiter.admission import Permit, Rejected
 from extproc.proxy.attempt import AttemptVerdict
 from extproc.limiter.signals import Signal
+from extproc.accounting.json_splice import set_member
 from extproc.accounting.request_body import RequestInfo
 from extproc.accounting.response_body import ResponseBody
 from extproc.accounting.usage import ResponseFacts
@@ -45,73 +48,6 @@ _session_ids = itertools.count(1)
 
 # What a request's 2xx answer tells the limiter (failed attempts come from the attempt filter).
 SUCCESS = AttemptVerdict(Signal.SUCCESS, None, None, None)
-
-
-@dataclass(frozen=True)
-class HeaderChanges:
-    set: tuple[tuple[str, str], ...] = ()
-    remove: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ImmediateReply:
-    status: int
-    body: bytes
-    headers: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
-    # Envoy's response code details; the `zai_proxy` prefix tells the local-reply mappers in
-    # envoy/envoy.yaml to leave this body alone.
-    details: str = "zai_proxy"
-
-
-@dataclass(frozen=True)
-class BodyChange:
-    """A replaced request body, and the header changes that go with it."""
-
-    body: bytes
-    headers: HeaderChanges
-
-
-@dataclass(frozen=True)
-class Tokens:
-    """Final token counts of a request, and which of them are estimates."""
-
-    input: int = 0
-    output: int = 0
-    cache_read: int = 0
-    cache_write: int = 0
-    input_estimated: bool = False
-    output_estimated: bool = False
-
-    @property
-    def estimated(self) -> bool:
-        return self.input_estimated or self.output_estimated
-
-    def by_direction(self) -> dict[str, int]:
-        return {"input": self.input, "output": self.output, "cache_read": self.cache_read,
-                "cache_write": self.cache_write}
-
-
-@dataclass
-class Outcome:
-    """What the request came to; handed to the recorder once."""
-
-    endpoint: Endpoint
-    worker: str
-    request_id: str
-    status: int
-    duration: float
-    completed: bool  # the response reached its end (vs. cut short / client gone)
-    requested_model: str | None = None
-    model: str | None = None  # as the response named it, else as requested
-    tokens: Tokens | None = None  # None: no tokens to account (rejected before upstream)
-    time_to_first_token: float | None = None
-    error_type: str | None = None
-    error_code: str | None = None
-    malformed_request: str | None = None
-
-
-class Recorder(Protocol):
-    def record(self, outcome: Outcome) -> dict[str, object]: ...
 
 
 class Estimator(Protocol):
@@ -153,17 +89,8 @@ def client_token(headers: Mapping[str, str]) -> str | None:
 
 
 def with_usage_requested(body: bytes) -> bytes:
-    """The OpenAI request body with `stream_options.include_usage` on, other bytes untouched
-    where possible (the key is spliced in after the opening brace)."""
-    doc = orjson.loads(body)
-    if "stream_options" not in doc:
-        start = body.index(b"{") + 1
-        rest = body[start:].lstrip()
-        sep = b"" if rest.startswith(b"}") else b","
-        return body[:start] + b'"stream_options":{"include_usage":true}' + sep + body[start:]
-    options = doc.get("stream_options")
-    doc["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-    return orjson.dumps(doc)
+    """The OpenAI request body with `stream_options.include_usage` on, every other byte as sent."""
+    return set_member(body, ("stream_options", "include_usage"), b"true")
 
 
 @dataclass
@@ -232,6 +159,23 @@ class RequestSession:
             return BodyChange(new_body, HeaderChanges(set=(("content-length", str(len(new_body))),)))
         return None
 
+    async def request_headers(self, headers: Mapping[str, str]) -> AsyncIterator[HeaderChanges | ImmediateReply | Hold]:
+        """The request-headers phase: the key swap, then admission to the account's limits (the
+        request waits here, before anything goes upstream, until the account has room). Yields
+        `Hold` first when admission will keep it waiting, then the answer."""
+        answer = self.on_request_headers(headers)
+        if isinstance(answer, HeaderChanges):
+            limiter = self._limiter()
+            if limiter is not None:
+                if limiter.will_wait():
+                    yield Hold(limiter.settings.max_wait)
+                rejection = await self._admit(limiter)
+                if rejection is not None:
+                    answer = rejection
+        yield answer
+        if isinstance(answer, ImmediateReply):
+            await self.complete(completed=True)
+
     def _limiter(self) -> AccountLimiter | None:
         """The limiter, when this request goes through it (count_tokens costs the account nothing)."""
         limiter = self.gateway.limiter
@@ -239,17 +183,8 @@ class RequestSession:
             return None
         return limiter
 
-    def admission_wait(self) -> float | None:
-        """How long admission may hold this request when it will queue (Envoy's message timeout
-        then needs extending); None when it goes at once."""
-        limiter = self._limiter()
-        return limiter.settings.max_wait if limiter is not None and limiter.will_wait() else None
-
-    async def admit(self) -> ImmediateReply | None:
+    async def _admit(self, limiter: AccountLimiter) -> ImmediateReply | None:
         """Hold the request until the account has room; a 429 in the client's format if not."""
-        limiter = self._limiter()
-        if limiter is None:
-            return None
         # Admission comes at the request headers, before the body: nothing is charged to a token
         # budget now; the real usage is, when the request ends (settle_budget).
         try:

@@ -15,6 +15,7 @@ formats, and expands the variants:
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from importlib import resources
 import os
 from pathlib import Path
@@ -24,12 +25,11 @@ from typing import Any
 import yaml
 
 from extproc.config import Settings, UpstreamUrl
+from extproc.variants import DEFAULT, Variant
 
 # The templates ship inside the package (also reachable as the repository's top-level envoy/).
 TEMPLATES = resources.files("extproc.routing") / "envoy"
 OPENAI_PATH_PREFIX = "/v1/chat/completions"
-VARIANTS = ("production", "canary")
-DEFAULT_VARIANT = "production"
 ROUTES_FILE = "routes.yaml"
 ROUTE_CONFIG_NAME = "gateway"
 PER_VARIANT_CLUSTERS = ("extproc", "extproc_admin", "zai_anthropic", "zai_openai")
@@ -85,6 +85,22 @@ def _template(settings: Settings) -> tuple[dict[str, Any], dict[str, str]]:
     return yaml.safe_load(text), values
 
 
+@dataclass(frozen=True)
+class ExtprocAddress:
+    """Where a variant's ext_proc listens (gRPC for Envoy, admin HTTP for /health and /metrics)."""
+
+    host: str
+    grpc_port: int
+    admin_port: int
+
+    @classmethod
+    def of(cls, settings: Settings, variant: Variant) -> "ExtprocAddress":
+        if variant is Variant.CANARY:
+            return cls(settings.canary_extproc_host, settings.canary_extproc_grpc_port,
+                       settings.canary_extproc_admin_port)
+        return cls(settings.extproc_host, settings.extproc_grpc_port, settings.extproc_admin_port)
+
+
 def _hcm(bootstrap: dict[str, Any]) -> dict[str, Any]:
     return bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
 
@@ -107,7 +123,7 @@ def render(settings: Settings) -> dict[str, Any]:
     for http_filter in hcm["http_filters"]:
         if http_filter["typed_config"]["@type"] == EXT_PROC_TYPE:
             http_filter["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = \
-                f"extproc_{DEFAULT_VARIANT}"
+                DEFAULT.suffixed("extproc")
     hcm.pop("route_config")
     directory = str(Path(settings.envoy_routes_dir).resolve())
     hcm["rds"] = {"route_config_name": ROUTE_CONFIG_NAME, "config_source": {
@@ -120,37 +136,36 @@ def render(settings: Settings) -> dict[str, Any]:
 def _variant_clusters(clusters: dict[str, Any], attempt_filters: list[dict[str, Any]],
                       settings: Settings) -> list[dict[str, Any]]:
     out = [c for name, c in clusters.items() if name not in PER_VARIANT_CLUSTERS]
-    canary_ports = {"extproc": settings.canary_extproc_grpc_port,
-                    "extproc_admin": settings.canary_extproc_admin_port}
-    for variant in VARIANTS:
+    for variant in Variant:
+        extproc = ExtprocAddress.of(settings, variant)
+        ports = {"extproc": extproc.grpc_port, "extproc_admin": extproc.admin_port}
         for name in PER_VARIANT_CLUSTERS:
             cluster = copy.deepcopy(clusters[name])
-            cluster["name"] = cluster["load_assignment"]["cluster_name"] = f"{name}_{variant}"
+            cluster["name"] = cluster["load_assignment"]["cluster_name"] = variant.suffixed(name)
             address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-            if variant == "canary" and name in canary_ports:
-                address["socket_address"] = {"address": settings.canary_extproc_host,
-                                             "port_value": canary_ports[name]}
+            if name in ports:
+                address["socket_address"] = {"address": extproc.host, "port_value": ports[name]}
             if name.startswith("zai_"):
                 filters = copy.deepcopy(attempt_filters)
-                observer = filters[0]["typed_config"]["extension_config"]["typed_config"]
-                observer["grpc_service"]["envoy_grpc"]["cluster_name"] = f"extproc_{variant}"
+                attempt = filters[0]["typed_config"]["extension_config"]["typed_config"]
+                attempt["grpc_service"]["envoy_grpc"]["cluster_name"] = variant.suffixed("extproc")
                 cluster["typed_extension_protocol_options"][HTTP_OPTIONS]["http_filters"] = filters
             out.append(cluster)
     return out
 
 
-def _extproc_override(variant: str, inline: bool) -> dict[str, Any]:
+def _extproc_override(variant: Variant, inline: bool) -> dict[str, Any]:
     """Both request-level ext_proc filters of a Z.AI route: sent to the variant's ext_proc, and
     either the request filter takes the bodies inline (the observer is off) or the observer
     gets copies of them."""
-    service = {"envoy_grpc": {"cluster_name": f"extproc_{variant}"}}
+    service = {"envoy_grpc": {"cluster_name": variant.suffixed("extproc")}}
     main: dict[str, Any] = {"grpc_service": service}
     if inline:
         main["processing_mode"] = INLINE_MODE
         observer: dict[str, Any] = {"@type": EXT_PROC_PER_ROUTE, "disabled": True}
     else:
         # An overriding grpc_service replaces the filter's whole one, its metadata included.
-        observed = {**service, "initial_metadata": [{"key": "x-zai-proxy-phase", "value": "observe"}]}
+        observed = {**service, "initial_metadata": [{"key": "x-zai-proxy-phase", "value": "observer"}]}
         observer = {"@type": EXT_PROC_PER_ROUTE, "overrides": {"grpc_service": observed}}
     return {EXT_PROC_FILTER: {"@type": EXT_PROC_PER_ROUTE, "overrides": main},
             OBSERVER_FILTER: observer}
@@ -185,11 +200,11 @@ def _expand_route(route: dict[str, Any], canary_weight: int, settings: Settings)
     match = route["match"]
     key = next(iter(match))
     pinned = []
-    for variant in VARIANTS:
+    for variant in Variant:
         entry = copy.deepcopy(route)
-        entry["name"] = f"{route['name']}_{variant}"
-        entry["match"] = {key: f"/{variant}{match[key]}"}
-        entry["route"]["cluster"] = f"{cluster}_{variant}"
+        entry["name"] = variant.suffixed(route["name"])
+        entry["match"] = {key: f"/{variant.value}{match[key]}"}
+        entry["route"]["cluster"] = variant.suffixed(cluster)
         if key == "path" and "prefix_rewrite" not in entry["route"]:
             entry["route"]["prefix_rewrite"] = match[key]
         if cluster.startswith("zai_"):
@@ -198,12 +213,12 @@ def _expand_route(route: dict[str, Any], canary_weight: int, settings: Settings)
     split = copy.deepcopy(route)
     if cluster.startswith("zai_"):
         split["route"]["weighted_clusters"] = {"use_hash_policy": True, "clusters": [
-            {"name": f"{cluster}_{variant}", "weight": weight,
+            {"name": variant.suffixed(cluster), "weight": variant.share(canary_weight),
              "typed_per_filter_config": _extproc_override(variant, inline_route(cluster, settings))}
-            for variant, weight in (("production", 100 - canary_weight), ("canary", canary_weight))]}
+            for variant in Variant]}
         split["route"]["hash_policy"] = copy.deepcopy(STICKY_HASH)
     else:  # /health and /metrics without a prefix: the default variant's ext_proc
-        split["route"]["cluster"] = f"{cluster}_{DEFAULT_VARIANT}"
+        split["route"]["cluster"] = DEFAULT.suffixed(cluster)
     return pinned + [split]
 
 

@@ -22,7 +22,8 @@ from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import json_format
 
-from extproc.routing.envoy_config import ROUTE_CONFIG_TYPE, VARIANTS, write_routes
+from extproc.routing.envoy_config import ROUTE_CONFIG_TYPE, write_routes
+from extproc.variants import Variant
 
 UPSTREAM_CLUSTERS = ("zai_anthropic", "zai_openai")
 
@@ -62,7 +63,7 @@ def validate(doc: Any) -> None:
         json_format.ParseDict(json.loads(json.dumps(doc)), discovery_pb2.DiscoveryResponse())
     except json_format.ParseError as exc:
         raise RoutesError(f"Envoy would reject the routes: {exc}") from None
-    known = {f"{c}_{v}" for c in UPSTREAM_CLUSTERS for v in VARIANTS}
+    known = {v.suffixed(c) for c in UPSTREAM_CLUSTERS for v in Variant}
     for route, weighted in _weighted(doc):
         clusters = weighted.get("clusters") or []
         names = [c.get("name") for c in clusters]
@@ -86,9 +87,9 @@ def _weighted(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 def split(doc: dict[str, Any]) -> Split:
     shares = []
     for _, weighted in _weighted(doc):
-        weights = {c["name"].rsplit("_", 1)[-1]: int(c.get("weight", 0)) for c in weighted["clusters"]}
+        weights = {Variant.of_suffixed(c["name"]): int(c.get("weight", 0)) for c in weighted["clusters"]}
         total = sum(weights.values())
-        shares.append(100.0 * weights.get("canary", 0) / total)
+        shares.append(100.0 * weights.get(Variant.CANARY, 0) / total)
     percent = shares[0] if shares and all(s == shares[0] for s in shares) else float("nan")
     return Split(percent, len(shares), str(doc.get("version_info", "")))
 
@@ -101,8 +102,10 @@ def with_canary(doc: dict[str, Any], percent: int, note: str, now: float) -> dic
         raise RoutesError("the routes file has no weighted split to change")
     for _, clusters in weighted:
         for cluster in clusters["clusters"]:
-            variant = cluster["name"].rsplit("_", 1)[-1]
-            cluster["weight"] = percent if variant == "canary" else 100 - percent
+            variant = Variant.of_suffixed(cluster["name"])
+            if variant is None:
+                raise RoutesError(f"the split names a cluster of no known variant: {cluster['name']!r}")
+            cluster["weight"] = variant.share(percent)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
     doc["version_info"] = f"{stamp} canary={percent}% ({note})"
     validate(doc)

@@ -42,6 +42,7 @@ import yaml
 from kubernetes_validate.utils import latest_version
 from prometheus_client import CollectorRegistry
 
+from extproc.variants import Variant
 from extproc.routing import weights
 from extproc.config import SETTINGS, Settings
 from extproc.routing.envoy_config import render, render_routes
@@ -67,7 +68,7 @@ README = ROOT / "README.md"
 # in 1.31) and the newest kubernetes-validate ships.
 K8S_VERSIONS = ["1.31", latest_version()]
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
-VARIANTS = ("production", "canary")
+VARIANTS = tuple(v.value for v in Variant)
 VARIANT_LABEL = "zai-proxy/variant"
 SETTING_NAMES = {s.env for s in SETTINGS}
 SECRET_SETTINGS = {s.env for s in SETTINGS if s.secret}

@@ -70,6 +70,29 @@ def test_url_round_trip(host, port, path, tls):
 def test_readme_documents_every_setting():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    missing = [s.env for s in SETTINGS if f"`{s.env}`" not in readme]
-    assert not missing
+    from extproc.config import settings_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    table = settings_table()
+    assert all(f"| `{s.env}` |" in table for s in SETTINGS)
+    assert table in readme, (
+        "README.md's configuration table differs from the settings declared in extproc/config.py; "
+        "regenerate it with `.venv/bin/python -m extproc.config --write-readme` "
+        "(or print it with `--table`)")
+
+
+def test_settings_are_the_dataclass_fields_declared_once():
+    import dataclasses
+
+    from extproc import config
+
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    assert [s.attr for s in SETTINGS] == list(fields)
+    assert len({s.env for s in SETTINGS}) == len(SETTINGS)
+    defaults = Settings()
+    for s in SETTINGS:
+        assert fields[s.attr].repr is not s.secret
+        expected = None if s.default is None else s.parse(s.default)
+        assert getattr(defaults, s.attr) == expected, s.env
+    assert Settings.from_env({}) == defaults
+    assert config.replace_settings_table(config.settings_table()) == config.settings_table()

@@ -79,7 +79,7 @@ def test_variants_split_sticky_and_pinned():
     assert override["grpc_service"]["envoy_grpc"]["cluster_name"] == "extproc_canary"
     observer = per_filter["zai_proxy.observer"]["overrides"]["grpc_service"]
     assert observer["envoy_grpc"]["cluster_name"] == "extproc_canary"
-    assert observer["initial_metadata"] == [{"key": "x-zai-proxy-phase", "value": "observe"}]
+    assert observer["initial_metadata"] == [{"key": "x-zai-proxy-phase", "value": "observer"}]
     clusters = {c["name"]: c for c in render(settings(CANARY_EXTPROC_HOST="canary-host"))
                 ["static_resources"]["clusters"]}
     address = clusters["extproc_canary"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
