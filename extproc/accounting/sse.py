@@ -23,11 +23,12 @@ class SseEvent:
 
 
 class SseParser:
-    __slots__ = ("_buf", "_scan", "_event", "_data")
+    __slots__ = ("_buf", "_scan", "_search", "_event", "_data")
 
     def __init__(self) -> None:
-        self._buf = b""  # bytes not yet part of a dispatched event
-        self._scan = 0  # where in `_buf` the unparsed part starts
+        self._buf: bytes | bytearray = b""  # bytes not yet part of a dispatched event
+        self._scan = 0  # where in `_buf` the unparsed part (the current line) starts
+        self._search = 0  # where in `_buf` to resume looking for that line's end
         self._event = b""
         self._data: list[bytes] = []
 
@@ -64,29 +65,35 @@ class SseParser:
                 start = pos
         # Undispatched bytes are parsed again with the next chunk (fields included).
         self._buf = chunk[start:]
-        self._scan = 0
+        self._scan = self._search = 0
         self._event = b""
         self._data = []
         return events
 
     def _feed_any(self, chunk: bytes, final: bool) -> list[SseEvent]:
-        buf = self._buf + chunk if self._buf else chunk
+        # The undispatched bytes grow in place (amortised O(1) per byte) and are scanned from
+        # where the last call stopped, so an event of n bytes in small chunks costs O(n).
+        buf = self._buf if isinstance(self._buf, bytearray) else bytearray(self._buf)
+        buf += chunk
         events: list[SseEvent] = []
         event_start = 0
         pos = self._scan
+        search = max(pos, self._search)  # a long line is searched once, not once per chunk
         end = len(buf)
         while pos < end:
-            match = _LINE_END.search(buf, pos)
+            match = _LINE_END.search(buf, search)
             if match is None:
+                search = end
                 break
             if match.end() == end and not final and match.group() == b"\r":
+                search = match.start()
                 break  # a CR at the end may be the first half of a CRLF: wait for more
             line = buf[pos:match.start()]
-            pos = match.end()
+            pos = search = match.end()
             if line:
                 self._field(line)
             elif self._data:
-                events.append(SseEvent(self._event, b"\n".join(self._data), buf[event_start:pos]))
+                events.append(SseEvent(self._event, b"\n".join(self._data), bytes(buf[event_start:pos])))
                 event_start = pos
                 self._event = b""
                 self._data = []
@@ -94,8 +101,11 @@ class SseParser:
                 self._event = b""  # a blank line with no data dispatches nothing
         # Keep the undispatched bytes: the partial line, and the lines of the unfinished event
         # (their fields are already parsed, so only `raw` needs them).
-        self._buf = buf[event_start:]
+        if event_start:
+            del buf[:event_start]
+        self._buf = buf
         self._scan = pos - event_start
+        self._search = search - event_start
         return events
 
     def _field(self, line: bytes) -> None:
@@ -105,14 +115,14 @@ class SseParser:
         if colon and value[:1] == b" ":
             value = value[1:]
         if name == b"data":
-            self._data.append(value)
+            self._data.append(bytes(value))
         elif name == b"event":
-            self._event = value
+            self._event = bytes(value)
         # id and retry do not matter to a proxy; unknown fields are ignored per the spec.
 
     def tail(self) -> bytes:
         """Bytes after the last complete event (an unfinished event at end of stream)."""
-        return self._buf
+        return bytes(self._buf)
 
     def pending(self) -> int:
         return len(self._buf)
