@@ -29,7 +29,7 @@ from extproc.telemetry.pricing import PriceTable
 from extproc.telemetry.usage_record import Reporter
 from extproc.accounting.estimator import TiktokenEstimator
 from extproc.proxy.servicer import ExternalProcessor
-from extproc.proxy.session import Gateway
+from extproc.proxy.gateway import Claims, Gateway
 from extproc.accounting.tokens import TokenCounter
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,10 @@ class Service:
                                self.reporter, TiktokenEstimator(TokenCounter()),
                                count_tokens=settings.token_counting, limiter=self.limiter,
                                max_request_body_bytes=settings.max_request_body_bytes,
-                               on_attempt=self.on_attempt)
+                               on_attempt=self.on_attempt,
+                               # One record per request across replicas: claims live where the
+                               # limiter's shared state does (Redis with REDIS_URL).
+                               claims=Claims(self.limiter.store))
         self.serving = False
 
     def on_attempt(self, verdict: AttemptVerdict) -> None:
@@ -146,7 +149,7 @@ async def serve(service: Service, stop: asyncio.Event | None = None) -> None:
 
     runner = web.AppRunner(build_admin_app(service.readiness, service.metrics.exposition,
                                            service.limiter, settings.admin_token,
-                                           lambda: len(service.gateway.sessions)))
+                                           lambda: len(service.gateway.open)))
     await runner.setup()
     site = web.TCPSite(runner, settings.extproc_bind_address, settings.extproc_admin_port)
     await site.start()

@@ -93,11 +93,13 @@ class AccountLimiter:
         config = budgets.get(worker) or budgets.get(EVERY_WORKER)
         return None if config is None or config.unlimited else config
 
-    def will_wait(self) -> bool:
-        return self.admission.queued_now()
-
-    async def admit(self, worker: str, estimated_tokens: int) -> Permit:
+    async def admit(self, worker: str, estimated_tokens: int = 0) -> Permit:
         """Admit or raise Rejected (quota gate closed, budget spent, queue full, waited too long)."""
+        permit = await self.try_admit(worker, estimated_tokens)
+        return permit if permit is not None else await self.admit_waiting(worker)
+
+    async def try_admit(self, worker: str, estimated_tokens: int = 0) -> Permit | None:
+        """A permit at once, None if the request must wait (`admit_waiting`), or Rejected."""
         await self._sync_gate()
         self.admission.check_gate()
         budget = self.budget_for(worker)
@@ -110,7 +112,11 @@ class AccountLimiter:
                 raise Rejected("budget", wait,
                                f"zai-proxy: worker {worker!r} is over its budget "
                                f"({_describe(budget)}); retry after the time in retry-after.")
-        return await self.admission.admit(worker)
+        return await self.admission.try_admit(worker)
+
+    async def admit_waiting(self, worker: str) -> Permit:
+        """Wait in the fair queue for a permit (the budget was taken by `try_admit`)."""
+        return await self.admission.admit_waiting(worker)
 
     async def settle_budget(self, worker: str, estimated: int, actual: int) -> None:
         """Replace the tokens charged at admission by the real usage."""

@@ -103,13 +103,23 @@ class Admission:
 
     async def admit(self, worker: str) -> Permit:
         """A permit now, or after a fair wait; raises Rejected."""
+        permit = await self.try_admit(worker)
+        return permit if permit is not None else await self.admit_waiting(worker)
+
+    async def try_admit(self, worker: str) -> Permit | None:
+        """A permit now if the account has room and nobody is waiting, else None (the caller
+        then waits with `admit_waiting`); raises Rejected while the quota gate is closed."""
         self.check_gate()
-        started = self.clock()
         if not len(self.queue):
             permit = await self._try_start(worker)
             if permit is not None:
                 self.hooks.queue_wait(0.0)
                 return permit
+        return None
+
+    async def admit_waiting(self, worker: str) -> Permit:
+        """A permit after a fair wait in the queue, up to `max_wait`; raises Rejected."""
+        started = self.clock()
         waiter: asyncio.Future[Permit] = asyncio.get_running_loop().create_future()
         if not self.queue.push(worker, waiter, self.in_flight_by_worker.get(worker, 0)):
             raise self._reject("queue_full", self.max_wait,
@@ -138,10 +148,6 @@ class Admission:
         permit.waited = self.clock() - started
         self.hooks.queue_wait(permit.waited)
         return permit
-
-    def queued_now(self) -> bool:
-        """Whether a request arriving now would wait (so Envoy's message timeout needs extending)."""
-        return bool(len(self.queue)) or self.in_flight >= self.concurrency.allowed()
 
     def check_gate(self) -> None:
         retry_after = self.gate.check(self.wall())

@@ -1,6 +1,9 @@
-"""The gRPC edge: Envoy's ExternalProcessor stream <-> one RequestSession per HTTP request.
+"""The gRPC edge: Envoy's ExternalProcessor streams <-> the plain per-request objects.
 
-Everything here is translation; decisions live in `session.py`. Responses that carry no change
+Three kinds of stream arrive, told apart by their gRPC metadata: the request filter's (one
+`RequestSession`), the observer's (copies of bodies, one `Observation`), and the attempt filter's
+(one `AttemptSession` per upstream attempt). Everything here is translation; decisions live in
+those objects. Responses that carry no change
 are prebuilt once, because the response-body phase runs for every streamed chunk.
 """
 
@@ -8,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -20,7 +23,9 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from extproc.proxy.attempt import AttemptSession
 from extproc.proxy.answers import BodyChange, HeaderChanges, Hold, ImmediateReply
+from extproc.proxy.observation import Observation
 from extproc.proxy.session import Gateway, RequestSession
+from extproc.proxy.ticket import METADATA_NAMESPACE, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +33,9 @@ log = logging.getLogger(__name__)
 # with nothing) announce themselves with this gRPC metadata (envoy/envoy.yaml).
 ATTEMPT_METADATA = ("x-zai-proxy-phase", "attempt")
 OBSERVER_METADATA = ("x-zai-proxy-phase", "observer")
+# Routes whose bodies pass the request filter inline say so on its stream (routing/envoy_config.py).
+INLINE_METADATA = ("x-zai-proxy-bodies", "inline")
 
-# Envoy's access log reads the numbers from this dynamic-metadata namespace (envoy/envoy.yaml).
-METADATA_NAMESPACE = "zai_proxy"
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
@@ -101,7 +106,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             async for response in self._attempt(request_iterator):
                 yield response
             return
-        session = RequestSession(self.gateway)
+        session = RequestSession(self.gateway, inline=INLINE_METADATA in metadata)
         self._on_stream(1)
         try:
             async for request in request_iterator:
@@ -122,12 +127,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     yield _REQUEST_BODY_OK if change is None else self._body_change(change)
                 elif phase == "response_headers":
                     headers = request.response_headers
-                    session.on_response_headers(header_map(headers), headers.end_of_stream)
-                    if headers.end_of_stream:
-                        fields = await session.complete(completed=True)
-                        yield with_metadata(pb.ProcessingResponse(response_headers=pb.HeadersResponse()), fields)
-                    else:
-                        yield _RESPONSE_HEADERS_OK
+                    fields = await session.response_headers(header_map(headers), headers.end_of_stream)
+                    yield _RESPONSE_HEADERS_OK if fields is None else with_metadata(
+                        pb.ProcessingResponse(response_headers=pb.HeadersResponse()), fields)
                 elif phase == "response_trailers":
                     # Asked for only to keep this stream open until the request ends.
                     yield _RESPONSE_TRAILERS_OK
@@ -137,9 +139,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             # Envoy closes the stream when the request ends, the client leaves or Envoy resets
             # it. Recording may await a token count, so it runs as its own task: awaiting here
             # could be interrupted by the stream's cancellation.
-            task = asyncio.ensure_future(session.complete(completed=False))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._record_later(session.complete(completed=False))
             self._on_stream(-1)
 
     async def _attempt(self, request_iterator: AsyncIterator[pb.ProcessingRequest]) -> AsyncIterator[pb.ProcessingResponse]:
@@ -166,46 +166,54 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 
     async def _observer(self, request_iterator: AsyncIterator[pb.ProcessingRequest]) -> None:
         """The observer's stream: copies of one request's bodies and response headers, sent by
-        Envoy without waiting (observability mode), so nothing is answered. The request is found
-        through the session id its request filter put into the forwarded dynamic metadata."""
-        session: RequestSession | None = None
+        Envoy without waiting (observability mode), so nothing is answered. What it needs of the
+        request comes in the ticket its request filter put into the forwarded dynamic metadata."""
+        observation: Observation | None = None
         looked_up = False
         try:
             async for request in request_iterator:
-                phase = request.WhichOneof("request")
-                if not looked_up:  # once: a stream whose request was already recorded is drained
+                if not looked_up:  # once: a stream whose request is recorded elsewhere is drained
                     looked_up = True
-                    session = self._session_of(request)
-                    if session is not None:
-                        session.observer_attached()
+                    ticket = self._ticket_of(request)
+                    if ticket is not None:
+                        candidate = Observation(self.gateway, ticket)
+                        if await candidate.attach():
+                            observation = candidate
+                phase = request.WhichOneof("request")
                 if phase == "response_body":
                     body = request.response_body
-                    if session is not None:
-                        session.on_response_body(body.body, body.end_of_stream)
+                    if observation is not None:
+                        observation.on_response_body(body.body, body.end_of_stream)
                     if body.end_of_stream:
                         break
                 elif phase == "request_body":
                     body = request.request_body
-                    if session is not None:
-                        await session.on_request_chunk(body.body, body.end_of_stream)
+                    if observation is not None:
+                        await observation.on_request_chunk(body.body, body.end_of_stream)
                 elif phase == "response_headers":
                     headers = request.response_headers
-                    if session is not None:
-                        session.on_response_headers(header_map(headers), headers.end_of_stream)
+                    if observation is not None:
+                        observation.on_response_headers(header_map(headers), headers.end_of_stream)
                     if headers.end_of_stream:
                         break
             # The response is over: end the stream from this side. Envoy would otherwise cancel
             # it after deferred_close_timeout, and grpcio's asyncio server leaks native memory
             # for every cancelled call (grpc/grpc#43360).
         finally:
-            if session is not None:
-                session.observer_done()
+            if observation is not None:
+                self._record_later(observation.end())
 
-    def _session_of(self, request: pb.ProcessingRequest) -> RequestSession | None:
+    def _record_later(self, recording: Awaitable[object]) -> None:
+        """Recording may await a token count or the state store, so it runs as its own task:
+        awaiting in a stream's `finally` could be interrupted by the stream's cancellation."""
+        task = asyncio.ensure_future(recording)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    def _ticket_of(request: pb.ProcessingRequest) -> Ticket | None:
         fields = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
-        if fields is None or "session" not in fields.fields:
-            return None
-        return self.gateway.sessions.get(fields.fields["session"].string_value)
+        return None if fields is None else Ticket.from_metadata(fields)
 
     @staticmethod
     def _headers_answer(session: RequestSession,
@@ -216,7 +224,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             return immediate(answer)
         return with_metadata(pb.ProcessingResponse(request_headers=pb.HeadersResponse(
             response=pb.CommonResponse(header_mutation=mutation(answer)))),
-            {"session": session.session_id})
+            session.ticket.to_metadata() if session.ticket is not None else None)
 
     @staticmethod
     def _body_change(change: BodyChange) -> pb.ProcessingResponse:

@@ -30,6 +30,9 @@ from extproc.variants import DEFAULT, Variant
 # The templates ship inside the package (also reachable as the repository's top-level envoy/).
 TEMPLATES = resources.files("extproc.routing") / "envoy"
 OPENAI_PATH_PREFIX = "/v1/chat/completions"
+QUEUE_TIMEOUT_HEADROOM = 30.0
+# The request filter's stream on routes whose bodies pass it inline says so (proxy/servicer.py).
+INLINE_METADATA = {"key": "x-zai-proxy-bodies", "value": "inline"}
 ROUTES_FILE = "routes.yaml"
 ROUTE_CONFIG_NAME = "gateway"
 PER_VARIANT_CLUSTERS = ("extproc", "extproc_admin", "zai_anthropic", "zai_openai")
@@ -63,6 +66,8 @@ def placeholders(settings: Settings) -> dict[str, str]:
         "MAX_REQUEST_BODY_BYTES": settings.max_request_body_bytes,
         "MAX_RETRIES": settings.max_retries,
         "EXTPROC_MESSAGE_TIMEOUT": _seconds(settings.extproc_message_timeout_ms / 1000),
+        # A queued request's wait (override_message_timeout) must fit under Envoy's maximum.
+        "MAX_MESSAGE_TIMEOUT": _seconds(settings.queue_timeout + QUEUE_TIMEOUT_HEADROOM),
         "EXTPROC_HOST": settings.extproc_host,
         "EXTPROC_GRPC_PORT": settings.extproc_grpc_port,
         "EXTPROC_ADMIN_PORT": settings.extproc_admin_port,
@@ -162,6 +167,7 @@ def _extproc_override(variant: Variant, inline: bool) -> dict[str, Any]:
     main: dict[str, Any] = {"grpc_service": service}
     if inline:
         main["processing_mode"] = INLINE_MODE
+        main["grpc_service"] = {**service, "initial_metadata": [INLINE_METADATA]}
         observer: dict[str, Any] = {"@type": EXT_PROC_PER_ROUTE, "disabled": True}
     else:
         # An overriding grpc_service replaces the filter's whole one, its metadata included.

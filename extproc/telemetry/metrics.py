@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from extproc import __version__
 from extproc.limiter.signals import classify
-from extproc.proxy.session import Outcome
+from extproc.proxy.outcome import Outcome
 
 # LLM requests run from sub-second to many minutes.
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300, 450, 600, 900)

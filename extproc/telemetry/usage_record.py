@@ -10,7 +10,7 @@ from typing import Callable
 
 from extproc.telemetry.metrics import Metrics
 from extproc.telemetry.pricing import PriceTable
-from extproc.proxy.session import Outcome
+from extproc.proxy.outcome import Outcome
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
     return {k: int(after[k] - before[k]) for k in before}
 
 
-def wait_for(predicate, timeout: float = 5.0):
+def wait_for(predicate, timeout: float = 12.0):
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

@@ -6,7 +6,7 @@ from extproc.api import Endpoint
 from extproc.telemetry.metrics import Metrics
 from extproc.telemetry.pricing import DEFAULT_PRICES, PriceTable
 from extproc.telemetry.usage_record import Reporter
-from extproc.proxy.session import Outcome, Tokens
+from extproc.proxy.outcome import Outcome, Tokens
 
 # 2026-11-23 03:00 UTC = 11:00 UTC+8 (off-peak); 07:00 UTC = 15:00 UTC+8 (peak).
 OFF_PEAK = datetime(2026, 11, 23, 3, 0, tzinfo=timezone.utc).timestamp()

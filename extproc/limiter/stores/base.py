@@ -81,6 +81,14 @@ class LimiterStore(Protocol):
         """(until, info) while the gate is closed, else None."""
         ...
 
+    async def claim(self, key: str, now: float, ttl: float) -> bool:
+        """Take `key` for `ttl` seconds if nobody holds it; True if this call took it."""
+        ...
+
+    async def claimed(self, key: str, now: float) -> bool:
+        """Whether somebody holds `key`."""
+        ...
+
     async def ping(self) -> bool:
         ...
 

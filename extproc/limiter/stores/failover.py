@@ -213,6 +213,12 @@ class FailoverStore:
     async def gate(self, account: str, now: float) -> tuple[float, dict[str, Any]] | None:
         return await self._run(lambda s: s.gate(account, now))
 
+    async def claim(self, key: str, now: float, ttl: float) -> bool:
+        return await self._run(lambda s: s.claim(key, now, ttl))
+
+    async def claimed(self, key: str, now: float) -> bool:
+        return await self._run(lambda s: s.claimed(key, now))
+
     async def ping(self) -> bool:
         """Check Redis now and switch accordingly; True while state is shared."""
         up = await self._primary.ping() and await self._release_orphans()

@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from typing import Any
 
 from extproc.limiter.stores.base import (Bucket, Clock, refill,
                                          start_capacity, token_need, wait_for)
+
+
+# Claims held at most at once (each is one request's record, kept for an hour): the oldest go
+# first past this, so memory stays bounded however many requests pass.
+MAX_CLAIMS = 200_000
 
 
 class LocalStore:
@@ -26,6 +32,7 @@ class LocalStore:
         self._tokens: dict[str, Bucket] = {}
         self._states: dict[str, tuple[float, str]] = {}  # account -> (expiry, JSON)
         self._gates: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._claims: OrderedDict[str, float] = OrderedDict()  # key -> expiry, oldest first
 
     async def acquire_slot(self, account: str, lease_id: str, limit: int, now: float,
                            ttl: float) -> bool:
@@ -56,6 +63,20 @@ class LocalStore:
         if not leases:
             self._leases.pop(account, None)
         return len(expired)
+
+    async def claim(self, key: str, now: float, ttl: float) -> bool:
+        while self._claims:  # expired claims leave from the front (one TTL for all)
+            oldest, expiry = next(iter(self._claims.items()))
+            if expiry > now and len(self._claims) < MAX_CLAIMS:
+                break
+            del self._claims[oldest]
+        if self._claims.get(key, 0.0) > now:
+            return False
+        self._claims[key] = now + ttl
+        return True
+
+    async def claimed(self, key: str, now: float) -> bool:
+        return self._claims.get(key, 0.0) > now
 
     async def take_start(self, account: str, rate_per_second: float, burst: float,
                          now: float) -> float:

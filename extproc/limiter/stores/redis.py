@@ -240,6 +240,12 @@ class RedisStore:
             return None
         return float(until), json.loads(info)
 
+    async def claim(self, key: str, now: float, ttl: float) -> bool:
+        return bool(await self._run(self._redis.set(self._key("claim", key), "1", nx=True, px=_ms(ttl))))
+
+    async def claimed(self, key: str, now: float) -> bool:
+        return bool(await self._run(self._redis.exists(self._key("claim", key))))
+
     async def ping(self) -> bool:
         try:
             return bool(await self._run(self._redis.ping()))

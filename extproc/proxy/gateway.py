@@ -1,0 +1,75 @@
+"""The long-lived collaborators every request's objects share, and their contracts."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from extproc.accounting.request_body import RequestInfo
+from extproc.api import Api
+from extproc.limiter.account import AccountLimiter
+from extproc.proxy.attempt import AttemptVerdict
+from extproc.proxy.keys import UpstreamKey, WorkerKeys
+from extproc.proxy.outcome import Recorder
+
+# How long a request whose observer stream has not claimed it yet waits for that stream before
+# recording it itself (the observer's first copy can trail the request's end on a busy replica).
+OBSERVER_GRACE_SECONDS = 5.0
+# Claims outlive any request's record by far; they only need to outlive the grace.
+CLAIM_TTL_SECONDS = 3600.0
+
+class Estimator(Protocol):
+    """Token counting (tiktoken, cached, off the event loop for large inputs)."""
+
+    async def parse(self, body: bytes, api: Api) -> RequestInfo: ...
+    async def count(self, info: RequestInfo) -> int: ...
+    async def count_text(self, text: str) -> int: ...
+
+
+class ClaimStore(Protocol):
+    async def claim(self, key: str, now: float, ttl: float) -> bool: ...
+    async def claimed(self, key: str, now: float) -> bool: ...
+
+
+class Claims:
+    """Who records a request: the first stream to claim its session, in the state store that
+    every replica of the account shares (Redis), or in-process when there is only one."""
+
+    def __init__(self, store: ClaimStore, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+
+    async def claim(self, session: str) -> bool:
+        return await self.store.claim(f"record:{session}", self.clock(), CLAIM_TTL_SECONDS)
+
+    async def claimed(self, session: str) -> bool:
+        return await self.store.claimed(f"record:{session}", self.clock())
+
+
+def _local_claims() -> Claims:
+    from extproc.limiter.stores.local import LocalStore
+
+    return Claims(LocalStore())
+
+
+@dataclass
+class Gateway:
+    """Long-lived collaborators shared by every session."""
+
+    upstream_key: UpstreamKey
+    worker_keys: WorkerKeys
+    recorder: Recorder
+    estimator: Estimator
+    # Wall-clock seconds: a request's start travels to other replicas in its ticket.
+    clock: Callable[[], float] = time.time
+    count_tokens: bool = True
+    limiter: AccountLimiter | None = None
+    max_request_body_bytes: int = 32 * 1024 * 1024
+    # Every upstream attempt's verdict: the successes from here, the failures from the attempt
+    # filter; both reach the limiter and the metrics through this one callable.
+    on_attempt: Callable[[AttemptVerdict], None] = lambda verdict: None
+    claims: Claims = field(default_factory=_local_claims)
+    observer_grace: float = OBSERVER_GRACE_SECONDS
+    # Requests and observations not recorded (or handed over) yet: /health?detail=1 shows them.
+    open: set[object] = field(default_factory=set)

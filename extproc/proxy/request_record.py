@@ -1,0 +1,175 @@
+"""What one request came to, put together from the phases that show it, and recorded once.
+
+The request filter's session owns one when the bodies pass it inline; the observer stream owns one
+when Envoy sends it copies instead (possibly on another replica). Either way it reads the request
+body (what was asked, and for OpenAI streams asks for the usage chunk), follows the response
+(status, usage, first token, error events) and turns it into one `Outcome` for the recorder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from extproc.accounting.json_splice import set_member
+from extproc.accounting.request_body import RequestInfo
+from extproc.accounting.response_body import ResponseBody
+from extproc.accounting.usage import ResponseFacts
+from extproc.api import Endpoint
+from extproc.limiter.signals import Signal, classify
+from extproc.proxy.answers import BodyChange, HeaderChanges
+from extproc.proxy.gateway import Gateway
+from extproc.proxy.outcome import Outcome, Tokens
+
+log = logging.getLogger(__name__)
+
+# Status recorded when the client went away before any response (nginx's convention).
+CLIENT_CLOSED = 499
+
+
+def with_usage_requested(body: bytes) -> bytes:
+    """The OpenAI request body with `stream_options.include_usage` on, every other byte as sent."""
+    return set_member(body, ("stream_options", "include_usage"), b"true")
+
+
+@dataclass(eq=False)
+class RequestRecord:
+    gateway: Gateway
+    endpoint: Endpoint
+    worker: str
+    request_id: str
+    started: float  # on the gateway's clock
+    status: int | None = None
+    info: RequestInfo | None = None
+    response: ResponseBody | None = None
+    usage_injected: bool = False
+    response_ended: bool = False  # the response's last byte went by
+    went_upstream: bool = True  # False: answered by the gateway itself (no tokens)
+    recorded: bool = False
+    _input_count: asyncio.Future[int] | None = None
+    _request_parts: list[bytes] = field(default_factory=list)
+    _request_size: int = 0
+
+    # -- request ------------------------------------------------------------------------------
+
+    async def on_request_body(self, body: bytes, mutable: bool) -> BodyChange | None:
+        """The whole request body: what was asked. A change is proposed only when it can be made
+        (inline) and is needed (an OpenAI stream that did not ask for usage)."""
+        info = await self.gateway.estimator.parse(body, self.endpoint.api)
+        self.info = info
+        # The input is counted only if the response does not report it (_input_estimate): Z.AI
+        # almost always does, so the common request costs no tokenizer time at all.
+        if (mutable and self.endpoint is Endpoint.CHAT_COMPLETIONS and info.malformed is None
+                and info.stream and not info.include_usage):
+            try:
+                new_body = with_usage_requested(body)
+            except ValueError as exc:  # not an object after all: forwarded untouched
+                log.warning("request body left as sent", extra={"request_id": self.request_id,
+                                                               "reason": str(exc)})
+                return None
+            # Ask for the usage chunk on the client's behalf; it is removed from the response.
+            self.usage_injected = True
+            return BodyChange(new_body, HeaderChanges(set=(("content-length", str(len(new_body))),)))
+        return None
+
+    async def on_request_chunk(self, chunk: bytes, end_of_stream: bool) -> None:
+        """A copy of a request body chunk; the whole body is read at its end."""
+        if self._request_size <= self.gateway.max_request_body_bytes:
+            self._request_parts.append(chunk)
+            self._request_size += len(chunk)
+        if end_of_stream:
+            body = b"".join(self._request_parts)
+            self._request_parts = []
+            await self.on_request_body(body, mutable=False)
+
+    # -- response -----------------------------------------------------------------------------
+
+    def on_response_headers(self, headers: Mapping[str, str], end_of_stream: bool) -> None:
+        self.status = int(headers.get(":status", "0") or 0)
+        streaming = "text/event-stream" in headers.get("content-type", "")
+        self.response = ResponseBody(self.endpoint.api, streaming, self.usage_injected and streaming)
+        if end_of_stream:
+            self.response_ended = True
+
+    def on_response_body(self, chunk: bytes, end_of_stream: bool) -> bytes | None:
+        """Account for one chunk (the hot path); return replacement bytes or None."""
+        response = self.response
+        if response is None:
+            return None
+        if end_of_stream:
+            self.response_ended = True
+        return response.feed(chunk, end_of_stream, self.gateway.clock())
+
+    # -- the record -----------------------------------------------------------------------------
+
+    async def record(self, completed: bool) -> dict[str, object] | None:
+        """Settle the counts and hand the outcome to the recorder, once. Returns what the recorder
+        reports (Envoy's dynamic metadata on inline routes), or None when already recorded."""
+        if self.recorded:
+            return None
+        self.recorded = True
+        status = self.status if self.status is not None else CLIENT_CLOSED
+        facts = self.response.facts if self.response is not None else ResponseFacts()
+        # A stream that ended in an error event did not complete, whatever its status said.
+        completed = (completed or self.response_ended) and facts.error_type is None
+        requested = self.info.model if self.info is not None else None
+        if status == 200 and facts.error_type is not None:
+            self._report_stream_error(facts)
+        # Only a successful generation costs tokens; a rejection (429, 401, ...) or a
+        # count_tokens call does not.
+        billable = (self.went_upstream and 200 <= status < 300
+                    and self.endpoint is not Endpoint.COUNT_TOKENS)
+        tokens = await self._settle(facts) if billable else None
+        first = facts.first_token_at
+        limiter = self.gateway.limiter
+        if billable and limiter is not None and tokens is not None:
+            await limiter.settle_budget(self.worker, 0, tokens.input + tokens.output)
+        return self.gateway.recorder.record(Outcome(
+            endpoint=self.endpoint, worker=self.worker, request_id=self.request_id, status=status,
+            duration=max(0.0, self.gateway.clock() - self.started), completed=completed,
+            requested_model=requested, model=facts.model or requested, tokens=tokens,
+            time_to_first_token=None if first is None else max(0.0, first - self.started),
+            error_type=facts.error_type, error_code=facts.error_code,
+            malformed_request=self.info.malformed if self.info is not None else None))
+
+    def _report_stream_error(self, facts: ResponseFacts) -> None:
+        """An error event inside a 200 stream tells the limiter what a 429 would have (the
+        metrics count it from the outcome)."""
+        limiter = self.gateway.limiter
+        signal = classify(200, facts.error_code, facts.error_type)
+        if limiter is not None and signal is not Signal.SUCCESS:
+            limiter.on_attempt(signal, facts.error_code, None, None)
+
+    async def _settle(self, facts: ResponseFacts) -> Tokens:
+        """Reported usage where Z.AI sent it; estimates where it did not."""
+        usage = facts.usage
+        input_tokens, input_estimated = usage.input, False
+        if input_tokens is None:
+            input_tokens, input_estimated = await self._input_estimate(), True
+        output_tokens, output_estimated = usage.output, False
+        if not facts.output_final:
+            # Cut, or silent about usage: count what was delivered.
+            output_tokens, output_estimated = await self._delivered_estimate(), True
+        return Tokens(input=input_tokens or 0, output=output_tokens or 0,
+                      cache_read=usage.cache_read or 0, cache_write=usage.cache_write or 0,
+                      input_estimated=input_estimated, output_estimated=output_estimated)
+
+    async def _input_estimate(self) -> int:
+        info = self.info
+        if self._input_count is None:
+            if (info is None or info.malformed is not None or not self.gateway.count_tokens
+                    or self.endpoint is Endpoint.COUNT_TOKENS):
+                return 0
+            self._input_count = asyncio.ensure_future(self.gateway.estimator.count(info))
+        try:
+            return await self._input_count
+        except Exception:  # an estimate is best effort; the request already went through
+            return 0
+
+    async def _delivered_estimate(self) -> int:
+        if self.response is None or not self.gateway.count_tokens:
+            return 0
+        text = self.response.delivered_text()
+        return await self.gateway.estimator.count_text(text) if text else 0

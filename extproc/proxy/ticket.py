@@ -1,0 +1,47 @@
+"""What travels with a request from the process that admitted it to whichever process gets the
+copies of its bodies (Envoy's observer stream may land on another replica of the variant).
+
+The request filter puts it into Envoy's dynamic metadata with its headers answer; Envoy forwards
+that namespace to the observer stream (`metadata_options.forwarding_namespaces`), and the same
+fields show in the access log. Nothing in it is secret: the worker is a name or a hash.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from extproc.api import Endpoint
+
+# Envoy's dynamic-metadata namespace of the gateway (also read by the access log).
+METADATA_NAMESPACE = "zai_proxy"
+
+
+def new_session_id() -> str:
+    """Globally unique: replicas and restarts never reuse one."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    session: str
+    worker: str
+    endpoint: Endpoint
+    request_id: str
+    started: float  # wall-clock epoch seconds, comparable across replicas
+
+    def to_metadata(self) -> dict[str, object]:
+        return {"session": self.session, "worker": self.worker, "endpoint": self.endpoint.value,
+                "request_id": self.request_id, "started": self.started}
+
+    @classmethod
+    def from_metadata(cls, fields: Mapping[str, Any]) -> "Ticket | None":
+        """The ticket in a forwarded namespace (a protobuf Struct or a dict), or None when it is
+        missing or malformed."""
+        try:
+            return cls(str(fields["session"]), str(fields["worker"]),
+                       Endpoint(fields["endpoint"]), str(fields["request_id"]),
+                       float(fields["started"]))
+        except (KeyError, ValueError, TypeError, AttributeError):
+            return None
