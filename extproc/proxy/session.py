@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from extproc.api import Api, Endpoint, endpoint_for_path, error_body
+from extproc.api import Api, Endpoint, Entrance, entrance_for_path, error_body
 from extproc.limiter.account import AccountLimiter
 from extproc.limiter.admission import Permit, Rejected
 from extproc.limiter.signals import Signal
@@ -34,6 +34,10 @@ from extproc.proxy.ticket import Ticket, new_session_id
 
 __all__ = ["CLIENT_CLOSED", "Claims", "Gateway", "RequestSession", "client_token",
            "with_usage_requested"]
+
+NOT_FOUND = ("zai-proxy: no such endpoint. Use POST /api/anthropic/v1/messages (or /v1/messages, "
+             "/v1/messages/count_tokens) for the Anthropic API, POST /v1/chat/completions for the "
+             "OpenAI API, GET /health or GET /metrics.")
 
 # Headers the gateway uses internally to carry identity or variant: never accepted from clients.
 INTERNAL_HEADER_PREFIX = "x-zai-proxy-"
@@ -63,6 +67,7 @@ class RequestSession:
     inline: bool = True
     session_id: str = field(default_factory=new_session_id)
     record: RequestRecord | None = None
+    entrance: Entrance | None = None
     ticket: Ticket | None = None  # set once admitted: the request goes upstream
     permit: Permit | None = None
     _done: bool = False
@@ -73,7 +78,7 @@ class RequestSession:
 
     @property
     def api(self) -> Api:
-        return self.endpoint.api
+        return self.entrance.api if self.entrance is not None else self.endpoint.api
 
     @property
     def worker(self) -> str:
@@ -92,10 +97,13 @@ class RequestSession:
 
     def on_request_headers(self, headers: Mapping[str, str]) -> HeaderChanges | ImmediateReply:
         """The key swap (and who the worker is); admission follows in `request_headers`."""
+        entrance = self.entrance = entrance_for_path(headers.get(":path", "/"))
         record = self.record = RequestRecord(
-            self.gateway, endpoint_for_path(headers.get(":path", "/")), "unknown",
+            self.gateway, entrance.endpoint or Endpoint.UNKNOWN, "unknown",
             headers.get("x-request-id", ""), self.gateway.clock(), went_upstream=False)
         self.gateway.open.add(self)
+        if entrance.endpoint is None:
+            return self._reply(404, "not_found", NOT_FOUND)
         worker = self.gateway.worker_keys.identify(client_token(headers))
         if worker is None:
             return self._reply(401, "authentication",
@@ -222,10 +230,12 @@ class RequestSession:
         internal = tuple(name for name in headers if name.startswith(INTERNAL_HEADER_PREFIX))
         # Bodies must stay readable for token accounting.
         identity = ("accept-encoding", "identity")
+        # A trailing or repeated slash is taken off: the route and Z.AI know the bare path.
+        path = ((":path", self.entrance.normalised),) if self.entrance and self.entrance.normalised else ()
         if self.api is Api.ANTHROPIC:
-            return HeaderChanges(set=(("x-api-key", key), identity),
+            return HeaderChanges(set=(("x-api-key", key), identity) + path,
                                  remove=("authorization",) + internal)
-        return HeaderChanges(set=(("authorization", f"Bearer {key}"), identity),
+        return HeaderChanges(set=(("authorization", f"Bearer {key}"), identity) + path,
                              remove=("x-api-key",) + internal)
 
     def _reply(self, status: int, kind: str, message: str, details: str | None = None,

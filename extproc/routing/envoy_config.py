@@ -15,6 +15,7 @@ formats, and expands the variants:
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from importlib import resources
 import os
@@ -24,12 +25,12 @@ from typing import Any
 
 import yaml
 
+from extproc.api import OPENAI_PATH_REGEX
 from extproc.config import Settings, UpstreamUrl
 from extproc.variants import DEFAULT, Variant
 
 # The templates ship inside the package (also reachable as the repository's top-level envoy/).
 TEMPLATES = resources.files("extproc.routing") / "envoy"
-OPENAI_PATH_PREFIX = "/v1/chat/completions"
 QUEUE_TIMEOUT_HEADROOM = 30.0
 # The request filter's stream on routes whose bodies pass it inline says so (proxy/servicer.py).
 INLINE_METADATA = {"key": "x-zai-proxy-bodies", "value": "inline"}
@@ -191,10 +192,24 @@ def render_routes(settings: Settings, canary_weight: int | None = None,
     weight = settings.canary_weight if canary_weight is None else canary_weight
     routes: list[dict[str, Any]] = []
     for route in template["virtual_hosts"][0]["routes"]:
+        if route["name"] == "not_found":
+            routes.append(_openai_not_found(route))
         routes.extend(_expand_route(route, weight, settings))
     template["virtual_hosts"][0]["routes"] = routes
     template["name"] = ROUTE_CONFIG_NAME
     return {"version_info": version, "resources": [{"@type": ROUTE_CONFIG_TYPE, **template}]}
+
+
+def _openai_not_found(route: dict[str, Any]) -> dict[str, Any]:
+    """The 404 of a path that implies the OpenAI API, in its format (the template's is Anthropic's)."""
+    openai = copy.deepcopy(route)
+    openai["name"] = "not_found_openai"
+    openai["match"] = {"safe_regex": {"regex": OPENAI_PATH_REGEX}}
+    message = json.loads(route["direct_response"]["body"]["inline_string"])["error"]["message"]
+    openai["direct_response"]["body"]["inline_string"] = json.dumps(
+        {"error": {"message": message, "type": "invalid_request_error", "code": "unknown_url"}},
+        separators=(",", ":"))
+    return openai
 
 
 def _expand_route(route: dict[str, Any], canary_weight: int, settings: Settings) -> list[dict[str, Any]]:
@@ -242,7 +257,7 @@ def _adapt_upstream(cluster: dict[str, Any], url: UpstreamUrl) -> None:
 def local_reply_mappers(values: dict[str, str]) -> list[dict[str, Any]]:
     cases = yaml.safe_load((TEMPLATES / "local_replies.yaml").read_text())
     openai_path = {"header_filter": {"header": {
-        "name": ":path", "string_match": {"prefix": OPENAI_PATH_PREFIX}}}}
+        "name": ":path", "string_match": {"safe_regex": {"regex": OPENAI_PATH_REGEX}}}}}
     mappers: list[dict[str, Any]] = []
     for case in cases:
         message = " ".join(Template(case["message"]).safe_substitute(values).split())

@@ -61,7 +61,7 @@ def test_every_local_reply_case_has_both_formats():
     anthropic_bodies = [b for b in bodies if b.get("type") == "error"]
     assert len(openai_bodies) == len(anthropic_bodies) == len(bodies) // 2
     assert all(b["error"]["message"].startswith("zai-proxy:") for b in bodies)
-    assert "$" not in yaml.safe_dump(mappers)
+    assert "${" not in yaml.safe_dump(mappers)  # every placeholder filled
 
 
 def test_variants_split_sticky_and_pinned():
