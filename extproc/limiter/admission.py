@@ -98,6 +98,7 @@ class Admission:
         self._pumping = False
         self._pump_again = False
         self._timer: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[bool]] = set()
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -158,13 +159,19 @@ class Admission:
         now = self.wall()
         lease_id = uuid.uuid4().hex
         limit = self.concurrency.allowed()
-        if not await self.store.acquire_slot(self.account, lease_id, limit, now, self.lease_ttl):
-            return None
-        per_second = self.rate.value / 60.0  # the rate limit is learned in requests per minute
-        # A burst of a few seconds' worth: agents start in bursts, and 1303 is per unit of time.
-        wait = await self.store.take_start(self.account, per_second, max(1.0, per_second * 5), now)
+        # Cancelled (the client left) at either await, the lease may be held in the store: it is
+        # released in the background, never left to its TTL.
+        try:
+            if not await self.store.acquire_slot(self.account, lease_id, limit, now, self.lease_ttl):
+                return None
+            per_second = self.rate.value / 60.0  # the rate limit is learned in requests per minute
+            # A burst of a few seconds' worth: agents start in bursts, and 1303 is per unit of time.
+            wait = await self.store.take_start(self.account, per_second, max(1.0, per_second * 5), now)
+        except BaseException:
+            self._release_in_background(lease_id)
+            raise
         if wait > 0:
-            await self.store.release_slot(self.account, lease_id)
+            await asyncio.shield(self.store.release_slot(self.account, lease_id))
             self._schedule(wait)
             return None
         self.in_flight += 1
@@ -172,6 +179,11 @@ class Admission:
         self._starts.append(now)
         self._recent_starts(now)  # bounded to the last minute even if no answer ever comes
         return Permit(lease_id, worker, 0.0, self)
+
+    def _release_in_background(self, lease_id: str) -> None:
+        task = asyncio.ensure_future(self.store.release_slot(self.account, lease_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- the queue pump ----------------------------------------------------------------------
 
@@ -236,7 +248,8 @@ class Admission:
         else:
             self.in_flight_by_worker.pop(permit.worker, None)
         try:
-            await self.store.release_slot(self.account, permit.lease_id)
+            # Shielded: a release interrupted by its caller's cancellation still reaches the store.
+            await asyncio.shield(self.store.release_slot(self.account, permit.lease_id))
         finally:
             if signal is not None:
                 self.learn(signal, load)

@@ -15,6 +15,7 @@ formats, and expands the variants:
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -32,6 +33,10 @@ from extproc.variants import DEFAULT, Variant
 # The templates ship inside the package (also reachable as the repository's top-level envoy/).
 TEMPLATES = resources.files("extproc.routing") / "envoy"
 QUEUE_TIMEOUT_HEADROOM = 30.0
+# On a listener other machines reach, /metrics and /health?detail=1 are for operators: Envoy marks
+# what it forwards to the ext_proc's admin port, which then asks for ADMIN_TOKEN (telemetry/admin.py).
+PUBLIC_LISTENER_HEADER = {"header": {"key": "x-zai-proxy-listener", "value": "public"},
+                          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
 # The request filter's stream on routes whose bodies pass it inline says so (proxy/servicer.py).
 INLINE_METADATA = {"key": "x-zai-proxy-bodies", "value": "inline"}
 ROUTES_FILE = "routes.yaml"
@@ -195,9 +200,22 @@ def render_routes(settings: Settings, canary_weight: int | None = None,
         if route["name"] == "not_found":
             routes.append(_openai_not_found(route))
         routes.extend(_expand_route(route, weight, settings))
+    if not _loopback(settings.listen_address):
+        for route in routes:
+            if route.get("route", {}).get("cluster", "").startswith("extproc_admin"):
+                route["request_headers_to_add"] = [copy.deepcopy(PUBLIC_LISTENER_HEADER)]
     template["virtual_hosts"][0]["routes"] = routes
     template["name"] = ROUTE_CONFIG_NAME
     return {"version_info": version, "resources": [{"@type": ROUTE_CONFIG_TYPE, **template}]}
+
+
+def _loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def _openai_not_found(route: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,14 @@ from extproc.limiter.stores.base import (Bucket, Clock, refill,
 # Claims held at most at once (each is one request's record, kept for an hour): the oldest go
 # first past this, so memory stays bounded however many requests pass.
 MAX_CLAIMS = 200_000
+MAX_BUDGET_WORKERS = 10_000
+
+
+def _keep(buckets: OrderedDict[str, Bucket], worker: str, bucket: Bucket) -> None:
+    buckets[worker] = bucket
+    buckets.move_to_end(worker)
+    while len(buckets) > MAX_BUDGET_WORKERS:
+        buckets.popitem(last=False)
 
 
 class LocalStore:
@@ -28,8 +36,11 @@ class LocalStore:
         self._clock = clock
         self._leases: dict[str, dict[str, float]] = {}  # account -> lease_id -> expiry
         self._starts: dict[str, Bucket] = {}
-        self._requests: dict[str, Bucket] = {}
-        self._tokens: dict[str, Bucket] = {}
+        # Budget buckets by worker, least recently used first. A worker is whoever holds a token
+        # (any token, without WORKER_KEYS_FILE), so these are bounded: past MAX_BUDGET_WORKERS the
+        # least recently used bucket goes, which only lets that worker start again from full.
+        self._requests: OrderedDict[str, Bucket] = OrderedDict()
+        self._tokens: OrderedDict[str, Bucket] = OrderedDict()
         self._states: dict[str, tuple[float, str]] = {}  # account -> (expiry, JSON)
         self._gates: dict[str, tuple[float, dict[str, Any]]] = {}
         self._claims: OrderedDict[str, float] = OrderedDict()  # key -> expiry, oldest first
@@ -119,9 +130,9 @@ class LocalStore:
             if tokens_bucket is not None:
                 tokens_bucket.tokens -= tokens
         if requests is not None:
-            self._requests[worker] = requests
+            _keep(self._requests, worker, requests)
         if tokens_bucket is not None:
-            self._tokens[worker] = tokens_bucket
+            _keep(self._tokens, worker, tokens_bucket)
         return wait
 
     async def budget_adjust(self, worker: str, tokens_capacity: float | None,
@@ -130,7 +141,7 @@ class LocalStore:
             return
         bucket = refill(self._tokens.get(worker), tokens_capacity, tokens_per_second, now)
         bucket.tokens = min(tokens_capacity, bucket.tokens - delta_tokens)
-        self._tokens[worker] = bucket
+        _keep(self._tokens, worker, bucket)
 
     async def close_gate(self, account: str, until: float, info: dict[str, Any]) -> None:
         current = self._gates.get(account)
