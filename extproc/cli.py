@@ -172,15 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--routes", action="store_true",
                         help="write the routes file (weights from CANARY_WEIGHT) instead")
     render.set_defaults(func=cmd_render)
+    # The flags go before or after the action (`weights --offline set 10`, `weights set 10
+    # --offline`): each action's parser knows them too, without overriding what came before.
+    def weights_flags(parser: argparse.ArgumentParser, default: object) -> None:
+        parser.add_argument("--routes-dir", default=default,
+                            help="ENVOY_ROUTES_DIR of the running gateway")
+        parser.add_argument("--offline", action="store_true", default=default,
+                            help="edit a routes file only (e.g. deploy/shared in git); do not ask Envoy")
+
     weights = sub.add_parser("weights", help="show or change the production/canary split live")
-    weights.add_argument("--routes-dir", help="ENVOY_ROUTES_DIR of the running gateway")
-    weights.add_argument("--offline", action="store_true",
-                         help="edit a routes file only (e.g. deploy/shared in git); do not ask Envoy")
+    weights_flags(weights, None)
     actions = weights.add_subparsers(dest="action", required=True)
-    actions.add_parser("show", help="the current split, the last change, and what Envoy serves")
-    set_parser = actions.add_parser("set", help="send PERCENT of split traffic to the canary")
-    set_parser.add_argument("percent", type=int)
-    actions.add_parser("fallback", help="send everything to production at once")
+    for name, text in (("show", "the current split, the last change, and what Envoy serves"),
+                       ("set", "send PERCENT of split traffic to the canary"),
+                       ("fallback", "send everything to production at once")):
+        action = actions.add_parser(name, help=text)
+        weights_flags(action, argparse.SUPPRESS)
+        if name == "set":
+            action.add_argument("percent", type=int)
     weights.set_defaults(func=cmd_weights)
     # Listed for --help only: main() hands `emulator ...` to the emulator's own parser.
     sub.add_parser("emulator", help="run the Z.AI emulator (see --help after it)", add_help=False)

@@ -40,7 +40,7 @@ def stack_env(**overrides: str) -> dict[str, str]:
 
 class StackHandle:
     def __init__(self, run_dir: Path, env: dict[str, str], emulator_args: Sequence[str] = (),
-                 variants: Sequence[str] = ("production",)):
+                 variants: Sequence[str] = ("production",), replicas: int = 1):
         env = {"ENVOY_ROUTES_DIR": str(run_dir / "routes"), **env}
         self.logs: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -48,7 +48,7 @@ class StackHandle:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.stack = LocalStack(env, run_dir, self._sink, emulator_args, envoy_log_level="info",
-                                variants=variants)
+                                variants=variants, replicas=replicas)
         self.run_dir = run_dir
         self.variants = tuple(variants)
 
@@ -116,10 +116,16 @@ class StackHandle:
         """Wait until every variant's ext_proc has recorded the requests it saw: with bodies
         observed (not waited for), the record can trail the client's last byte slightly."""
         deadline = time.monotonic() + timeout
-        for variant in self.variants:
+        for url in self.admin_urls():
             while True:
-                doc = httpx.get(f"{self.url}/{variant}/health?detail=1", timeout=10, trust_env=False).json()
+                doc = httpx.get(f"{url}/health?detail=1", timeout=10, trust_env=False).json()
                 if doc.get("requests_open") == 0:
                     break
-                assert time.monotonic() < deadline, f"{variant}: requests still open: {doc}"
+                assert time.monotonic() < deadline, f"{url}: requests still open: {doc}"
                 time.sleep(0.02)
+
+    def admin_urls(self, variant: str | None = None) -> list[str]:
+        """Every ext_proc process's admin URL (of one variant, or of all)."""
+        return [f"http://127.0.0.1:{address.admin_port}"
+                for v in self.stack.variants if variant is None or v.value == variant
+                for address in self.stack.extprocs(v)]

@@ -9,7 +9,7 @@ like Z.AI (unlike Anthropic), repeats the input and cache counts.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from .errors import ApiFormat, stream_error_data
 from .options import EmulatorOptions
@@ -22,6 +22,16 @@ def _usage(reply: Reply, output_tokens: int) -> dict[str, int]:
         "cache_creation_input_tokens": reply.cache_write_tokens,
         "cache_read_input_tokens": reply.cache_read_tokens,
         "output_tokens": output_tokens,
+    }
+
+
+def recorded_usage(usage: Mapping[str, int]) -> dict[str, int]:
+    """Reported Anthropic usage as the request record shows it."""
+    return {
+        "input": usage["input_tokens"],
+        "output": usage["output_tokens"],
+        "cache_read": usage["cache_read_input_tokens"],
+        "cache_write": usage["cache_creation_input_tokens"],
     }
 
 
@@ -84,6 +94,7 @@ def stream_events(reply: Reply) -> list[SseEvent]:
                 "delta": {"stop_reason": "end_turn", "stop_sequence": None},
                 "usage": final_usage,
             },
+            usage=recorded_usage(final_usage),
         ),
         SseEvent("message_stop", {"type": "message_stop"}),
     ]

@@ -132,6 +132,78 @@ def overloaded(fmt: ApiFormat) -> ZaiError:
     return ZaiError(429, "1305", OVERLOADED_MESSAGE, None)
 
 
+# Codes `reject_code` can answer with (see `rejection`), in Z.AI's table order.
+REJECT_CODES = (
+    "1113", "1302", "1303", "1304", "1305", "1308", "1309", "1310", "1311", "1312", "1313",
+)
+
+_REJECT_MESSAGES = {
+    "1113": "Your account is in arrears, please recharge and try again",
+    "1304": "The daily call limit for this API has been reached, please contact customer "
+    "service to purchase more",
+    "1309": "Your GLM Coding Plan package has expired and is temporarily unavailable. You "
+    "can resume using it after renewing the subscription.",
+    "1312": "The current model is experiencing high traffic, please try again later or "
+    "switch to another model",
+    "1313": "Your account's current usage pattern does not comply with the Fair Usage "
+    "Policy, and your request frequency has been limited. For details, please refer to "
+    "the Subscription Service Agreement. To restore access, please submit a request.",
+}
+
+
+def weekly_limit_exhausted(reset_epoch: float, retry_after: float) -> ZaiError:
+    """1310: the weekly/monthly Coding Plan window is spent (reset time as for 1308)."""
+    reset = datetime.fromtimestamp(reset_epoch, tz=ZAI_TZ).strftime(RESET_TIME_FORMAT)
+    seconds = max(0, math.ceil(retry_after))
+    return ZaiError(
+        429,
+        "1310",
+        f"Weekly/Monthly Limit Exhausted. Your limit will reset at {reset}",
+        None,
+        {"retry-after": str(seconds)},
+    )
+
+
+def model_not_in_plan(model: str) -> ZaiError:
+    """1311: the subscription does not include the model (Z.AI answers 429)."""
+    return ZaiError(
+        429,
+        "1311",
+        f"Your current subscription plan does not yet include access to {model}",
+        None,
+    )
+
+
+def rejection(
+    code: str, fmt: ApiFormat, *, model: str, reset_epoch: float, retry_after: float
+) -> ZaiError:
+    """The refusal `reject_code` asks for. `model` names the model in 1311;
+    `reset_epoch`/`retry_after` date the reset of 1308 and 1310."""
+    if code == "1302":
+        return too_concurrent()
+    if code == "1303":
+        return too_frequent()
+    if code == "1305":
+        return overloaded(fmt)
+    if code == "1308":
+        return quota_exhausted(reset_epoch, retry_after)
+    if code == "1310":
+        return weekly_limit_exhausted(reset_epoch, retry_after)
+    if code == "1311":
+        return model_not_in_plan(model)
+    if code in _REJECT_MESSAGES:
+        return ZaiError(429, code, _REJECT_MESSAGES[code], None)
+    raise ValueError(f"no Z.AI rejection for code {code!r}")
+
+
+def bad_options_header(header: str, problem: str) -> ZaiError:
+    """400 for an unusable per-request options header (an emulator feature, so the
+    code is Z.AI's generic 'incorrect parameters')."""
+    return ZaiError(
+        400, "1210", f"Invalid {header} header: {problem}", "invalid_request_error"
+    )
+
+
 def error_body(fmt: ApiFormat, err: ZaiError, anthropic_429_type: str) -> dict[str, Any]:
     if fmt is ApiFormat.OPENAI:
         return {"error": {"code": err.code, "message": err.message}}

@@ -31,6 +31,18 @@ def usage(reply: Reply) -> dict[str, Any]:
     }
 
 
+def recorded_usage(usage: Mapping[str, Any]) -> dict[str, int]:
+    """Reported OpenAI usage in the record's Anthropic terms: cached tokens are
+    taken out of prompt_tokens; OpenAI reports no cache writes."""
+    cached = int(usage["prompt_tokens_details"]["cached_tokens"])
+    return {
+        "input": int(usage["prompt_tokens"]) - cached,
+        "output": int(usage["completion_tokens"]),
+        "cache_read": cached,
+        "cache_write": 0,
+    }
+
+
 def completion(reply: Reply) -> dict[str, Any]:
     """The non-streaming response body."""
     return {
@@ -74,7 +86,12 @@ def stream_events(reply: Reply, include_usage: bool) -> list[SseEvent]:
     finish = {"index": 0, "delta": {}, "finish_reason": "stop"}
     events.append(SseEvent(None, _chunk(reply, [finish])))
     if include_usage:
-        events.append(SseEvent(None, {**_chunk(reply, []), "usage": usage(reply)}))
+        reported = usage(reply)
+        events.append(
+            SseEvent(
+                None, {**_chunk(reply, []), "usage": reported}, usage=recorded_usage(reported)
+            )
+        )
     events.append(DONE)
     return events
 

@@ -4,6 +4,11 @@ Every field of `EmulatorOptions` can be set at start-up (one CLI flag per field,
 `extproc.emulator.cli`) and changed while running with `POST /_emulator/config`
 (a JSON object with the fields to change). A change applies to requests that start
 after it; requests already in flight keep the options they started with.
+
+One API request can also carry its own changes in the `x-emulator-options` header
+(`OPTIONS_HEADER`): a JSON object of the same fields, coerced and validated the same
+way, applied on top of the current options for that request only (`api_key` cannot
+be set this way). See `with_request_overrides`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ import dataclasses
 import functools
 import typing
 from dataclasses import dataclass, field
+import json
 from typing import Any, Mapping
+
+from .errors import REJECT_CODES
 
 DEFAULT_TEXT = (
     "Hello from the Z.AI emulator. This reply is deterministic so that tests can "
@@ -23,6 +31,11 @@ DEFAULT_TEXT = (
 SECRET_FIELDS = frozenset({"api_key"})
 
 ANTHROPIC_429_TYPES = ("code", "rate_limit_error")
+
+# Request header carrying per-request option changes (a JSON object).
+OPTIONS_HEADER = "x-emulator-options"
+# Fields a request may not change for itself.
+NOT_PER_REQUEST = frozenset({"api_key"})
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -130,6 +143,24 @@ class EmulatorOptions:
             "error_after_events is smaller, the error wins."
         ),
     )
+    reject_code: str = field(
+        default="",
+        metadata=_doc(
+            "'' = off. A Z.AI business code: every messages / chat-completions request "
+            "(not count_tokens, which no limit touches) is refused with that code's "
+            "error in the request's format, after authentication and body validation "
+            "and before the limits, and counted as a rejection. 1302, 1303: 429 as "
+            "for concurrency_cap / rate_cap. 1305: Anthropic 529 overloaded_error, "
+            "OpenAI 429. 1308: 429 'Usage limit reached for 5 hour. Your limit will "
+            "reset at <UTC+8 time>' and 1310: 429 'Weekly/Monthly Limit Exhausted. "
+            "Your limit will reset at <UTC+8 time>', both reset `quota_reset_after` "
+            "seconds from now and with that retry-after. 1311: 429 'Your current "
+            "subscription plan does not yet include access to <model>' (the model "
+            "the reply would name). 1113 (arrears), 1304 (daily limit), 1309 (plan "
+            "expired), 1312 (model busy), 1313 (fair-use limit): 429 with Z.AI's "
+            "wording. Other codes are refused."
+        ),
+    )
     input_tokens: int = field(
         default=-1,
         metadata=_doc(
@@ -183,6 +214,34 @@ class EmulatorOptions:
         _check_ranges(candidate)
         for name in changes:
             setattr(self, name, getattr(candidate, name))
+
+    def with_request_overrides(self, header_values: list[str]) -> "EmulatorOptions":
+        """A copy with the request's `x-emulator-options` changes applied.
+
+        `header_values` are the header's values as received (none = a plain copy).
+        Raises ValueError saying what is wrong: not exactly one value, not a JSON
+        object, a field that may not be set per request, or any problem `update`
+        reports.
+        """
+        options = dataclasses.replace(self)
+        if not header_values:
+            return options
+        if len(header_values) > 1:
+            raise ValueError(
+                f"given {len(header_values)} times; send one JSON object"
+            )
+        try:
+            changes = json.loads(header_values[0])
+        except ValueError as exc:
+            raise ValueError(f"not valid JSON ({exc})") from None
+        if not isinstance(changes, dict):
+            raise ValueError(
+                f"must be a JSON object of option: value, got {type(changes).__name__}"
+            )
+        for name in NOT_PER_REQUEST & changes.keys():
+            raise ValueError(f"option {name!r} cannot be set per request")
+        options.update(changes)
+        return options
 
     def public_dict(self) -> dict[str, Any]:
         """All options as JSON-ready data, secrets masked."""
@@ -247,6 +306,11 @@ def _check_ranges(o: EmulatorOptions) -> None:
         (bool(o.api_key), "api_key", "must not be empty"),
         (bool(o.text.strip()), "text", "must contain a non-space character"),
         (bool(o.model_default.strip()), "model_default", "must not be empty"),
+        (
+            o.reject_code == "" or o.reject_code in REJECT_CODES,
+            "reject_code",
+            f"must be '' (off) or one of {', '.join(REJECT_CODES)}",
+        ),
         (
             o.anthropic_429_type in ANTHROPIC_429_TYPES,
             "anthropic_429_type",

@@ -69,12 +69,14 @@ def plan_reply(
 @dataclass(frozen=True)
 class SseEvent:
     """One server-sent event. `text` is set on events that deliver reply text;
-    `error` marks an injected in-stream error."""
+    `error` marks an injected in-stream error; `usage` is set on the event that
+    reports the final usage (what the request record shows once it is sent)."""
 
     name: str | None
     data: Mapping[str, Any] | str
     text: str | None = None
     error: bool = False
+    usage: Mapping[str, int] | None = None
 
     def encode(self) -> bytes:
         if isinstance(self.data, str):

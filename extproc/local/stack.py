@@ -14,9 +14,11 @@ from typing import Mapping, Sequence
 from urllib.parse import urlsplit
 
 from extproc.config import Settings
+from extproc.routing.envoy_config import ExtprocAddress
 from extproc.routing.envoy_config import write as write_envoy_config
-from extproc.local.processes import (Child, LineSink, ProcessGroup, child_env, envoy_binary, listening_port,
-                        print_sink, python_argv, wait_http_ok)
+from extproc.variants import Variant
+from extproc.local.processes import (Child, LineSink, ProcessGroup, child_env, envoy_binary, free_port,
+                                     listening_port, print_sink, python_argv, wait_http_ok)
 from extproc.local.tls import make_local_tls
 
 EMULATOR_HOST = "localhost"  # the name in the emulator's certificate, checked by Envoy
@@ -75,11 +77,15 @@ async def start_extproc(group: ProcessGroup, name: str, env: Mapping[str, str],
 
 
 class LocalStack:
+    """Envoy, each variant's ext_proc (`replicas` processes of each, balanced by Envoy as a
+    Kubernetes Service would), and the emulator when there is no real key."""
+
     def __init__(self, env: Mapping[str, str], run_dir: Path, sink: LineSink = print_sink,
                  emulator_args: Sequence[str] = (), envoy_log_level: str = "warning",
-                 variants: Sequence[str] = ("production",)) -> None:
+                 variants: Sequence[Variant | str] = (Variant.PRODUCTION,), replicas: int = 1) -> None:
         self.base_env = dict(env)
-        self.variants = tuple(variants)
+        self.variants = tuple(Variant(v) for v in variants)
+        self.replicas = replicas
         self.run_dir = run_dir
         self.group = ProcessGroup(sink)
         self.emulator_args = list(emulator_args)
@@ -88,6 +94,7 @@ class LocalStack:
         self.env: dict[str, str] = {}
         self.settings = Settings.from_env(self.base_env)  # validates before anything starts
         self.uses_emulator = not self.settings.has_upstream_key
+        self._extra: dict[tuple[Variant, int], ExtprocAddress] = {}
 
     @property
     def listener_url(self) -> str:
@@ -105,29 +112,48 @@ class LocalStack:
             }
         self.settings = Settings.from_env(self.env)
         for variant in self.variants:
-            await self.start_extproc(timeout, variant)
+            for index in range(self.replicas):
+                await self.start_extproc(timeout, variant, index)
         # The routes file is written afresh from CANARY_WEIGHT; `zai-proxy weights` edits it live.
-        config = write_envoy_config(self.settings, self.run_dir / "envoy.yaml", routes="replace")
+        config = write_envoy_config(self.settings, self.run_dir / "envoy.yaml", routes="replace",
+                                    replicas={v: self.extprocs(v) for v in self.variants})
         envoy = await self.group.start("envoy", envoy_argv(config, self.envoy_log_level), self.env)
         await wait_http_ok(f"{self.listener_url}/health", timeout, envoy)
 
     async def start_emulator(self) -> Emulator:
         return await start_emulator(self.group, self.base_env, self.emulator_args, tls_dir=self.run_dir)
 
-    async def start_extproc(self, timeout: float = 30.0, variant: str = "production") -> Child:
-        env, port = self.env, self.settings.extproc_admin_port
-        if variant != "production":
-            port = self.settings.canary_extproc_admin_port
-            env = self.env | {
-                "DEPLOYMENT_VARIANT": variant,
-                "EXTPROC_GRPC_PORT": str(self.settings.canary_extproc_grpc_port),
-                "EXTPROC_ADMIN_PORT": str(port)}
-        name = "extproc" if variant == "production" else f"extproc-{variant}"
-        return await start_extproc(self.group, name, env, health_url=f"http://127.0.0.1:{port}/health",
+    def extproc_address(self, variant: Variant, index: int = 0) -> ExtprocAddress:
+        """Where replica `index` of a variant listens: the settings' ports for the first, free
+        loopback ports for the others."""
+        if index == 0:
+            return ExtprocAddress.of(self.settings, variant)
+        if (variant, index) not in self._extra:
+            self._extra[variant, index] = ExtprocAddress("127.0.0.1", free_port(), free_port())
+        return self._extra[variant, index]
+
+    def extprocs(self, variant: Variant) -> list[ExtprocAddress]:
+        return [self.extproc_address(variant, i) for i in range(self.replicas)]
+
+    @staticmethod
+    def extproc_name(variant: Variant, index: int = 0) -> str:
+        name = "extproc" if variant is Variant.PRODUCTION else f"extproc-{variant}"
+        return name if index == 0 else f"{name}-{index + 1}"
+
+    async def start_extproc(self, timeout: float = 30.0, variant: Variant | str = Variant.PRODUCTION,
+                            index: int = 0) -> Child:
+        variant = Variant(variant)
+        address = self.extproc_address(variant, index)
+        env = self.env | {"EXTPROC_GRPC_PORT": str(address.grpc_port),
+                          "EXTPROC_ADMIN_PORT": str(address.admin_port)}
+        if variant is not Variant.PRODUCTION:
+            env["DEPLOYMENT_VARIANT"] = variant.value
+        return await start_extproc(self.group, self.extproc_name(variant, index), env,
+                                   health_url=f"http://127.0.0.1:{address.admin_port}/health",
                                    timeout=timeout)
 
-    async def stop_extproc(self, variant: str = "production") -> None:
-        await self.group.stop("extproc" if variant == "production" else f"extproc-{variant}")
+    async def stop_extproc(self, variant: Variant | str = Variant.PRODUCTION, index: int = 0) -> None:
+        await self.group.stop(self.extproc_name(Variant(variant), index))
 
     async def stop(self) -> None:
         await self.group.stop_all()

@@ -117,7 +117,6 @@ class RequestSession:
                                "zai-proxy: the upstream Z.AI key cannot be read (check "
                                "ZAI_API_KEY_FILE); the request was not sent. Retry shortly.")
         record.went_upstream = True
-        self.ticket = Ticket(self.session_id, worker, record.endpoint, record.request_id, record.started)
         return self._auth_changes(headers, key)
 
     async def request_headers(self, headers: Mapping[str, str]) -> AsyncIterator[HeaderChanges | ImmediateReply | Hold]:
@@ -138,6 +137,11 @@ class RequestSession:
                     rejection = self._rejected(refused)
                 if rejection is not None:
                     answer = rejection
+        if isinstance(answer, HeaderChanges):
+            # Admitted: from here on the request may reach an observer stream, which takes this.
+            assert self.record is not None
+            self.ticket = Ticket(self.session_id, self.worker, self.endpoint,
+                                 self.record.request_id, self.record.started)
         yield answer
         if isinstance(answer, ImmediateReply):
             await self.complete(completed=True)
@@ -153,7 +157,6 @@ class RequestSession:
     def _rejected(self, rejection: Rejected) -> ImmediateReply:
         assert self.record is not None
         self.record.went_upstream = False
-        self.ticket = None
         retry_after = str(max(1, math.ceil(rejection.retry_after)))
         return self._reply(429, "rate_limit", rejection.message,
                            details=f"zai_proxy_{rejection.reason}",

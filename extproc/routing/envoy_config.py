@@ -22,7 +22,7 @@ from importlib import resources
 import os
 from pathlib import Path
 from string import Template
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -120,8 +120,13 @@ def routes_path(settings: Settings) -> Path:
     return Path(settings.envoy_routes_dir) / ROUTES_FILE
 
 
-def render(settings: Settings) -> dict[str, Any]:
-    """The bootstrap: listeners and clusters; routes come from the watched routes file."""
+Replicas = Mapping[Variant, Sequence[ExtprocAddress]]
+
+
+def render(settings: Settings, replicas: Replicas | None = None) -> dict[str, Any]:
+    """The bootstrap: listeners and clusters; routes come from the watched routes file.
+    `replicas`: every ext_proc process of a variant, when it runs more than the one its settings
+    name (Envoy balances that variant's streams over them, as over a Kubernetes Service)."""
     bootstrap, values = _template(settings)
     hcm = _hcm(bootstrap)
     hcm["local_reply_config"]["mappers"].extend(local_reply_mappers(values))
@@ -130,7 +135,8 @@ def render(settings: Settings) -> dict[str, Any]:
     clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
     _adapt_upstream(clusters["zai_anthropic"], settings.anthropic_url)
     _adapt_upstream(clusters["zai_openai"], settings.openai_url)
-    bootstrap["static_resources"]["clusters"] = _variant_clusters(clusters, attempt_filters, settings)
+    bootstrap["static_resources"]["clusters"] = _variant_clusters(clusters, attempt_filters, settings,
+                                                                  replicas or {})
     for http_filter in hcm["http_filters"]:
         if http_filter["typed_config"]["@type"] == EXT_PROC_TYPE:
             http_filter["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = \
@@ -145,17 +151,23 @@ def render(settings: Settings) -> dict[str, Any]:
 
 
 def _variant_clusters(clusters: dict[str, Any], attempt_filters: list[dict[str, Any]],
-                      settings: Settings) -> list[dict[str, Any]]:
+                      settings: Settings, replicas: Replicas) -> list[dict[str, Any]]:
     out = [c for name, c in clusters.items() if name not in PER_VARIANT_CLUSTERS]
     for variant in Variant:
-        extproc = ExtprocAddress.of(settings, variant)
-        ports = {"extproc": extproc.grpc_port, "extproc_admin": extproc.admin_port}
+        extprocs = replicas.get(variant) or [ExtprocAddress.of(settings, variant)]
         for name in PER_VARIANT_CLUSTERS:
             cluster = copy.deepcopy(clusters[name])
             cluster["name"] = cluster["load_assignment"]["cluster_name"] = variant.suffixed(name)
-            address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-            if name in ports:
-                address["socket_address"] = {"address": extproc.host, "port_value": ports[name]}
+            if name in ("extproc", "extproc_admin"):
+                endpoints = cluster["load_assignment"]["endpoints"][0]
+                template = endpoints["lb_endpoints"][0]
+                endpoints["lb_endpoints"] = []
+                for extproc in extprocs:
+                    endpoint = copy.deepcopy(template)
+                    port = extproc.grpc_port if name == "extproc" else extproc.admin_port
+                    endpoint["endpoint"]["address"]["socket_address"] = {
+                        "address": extproc.host, "port_value": port}
+                    endpoints["lb_endpoints"].append(endpoint)
             if name.startswith("zai_"):
                 filters = copy.deepcopy(attempt_filters)
                 attempt = filters[0]["typed_config"]["extension_config"]["typed_config"]
@@ -303,11 +315,11 @@ def local_reply_mappers(values: dict[str, str]) -> list[dict[str, Any]]:
     return mappers
 
 
-def write(settings: Settings, path: Path, routes: str = "keep") -> Path:
+def write(settings: Settings, path: Path, routes: str = "keep", replicas: Replicas | None = None) -> Path:
     """Write the bootstrap to `path`, and the routes file: `routes="keep"` leaves an existing
     one alone (its weights are live state), `"replace"` writes it from CANARY_WEIGHT."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(render(settings), sort_keys=False))
+    path.write_text(yaml.safe_dump(render(settings, replicas), sort_keys=False))
     target = routes_path(settings)
     if routes == "replace" or not target.exists():
         write_routes(target, render_routes(settings))
