@@ -56,6 +56,18 @@ Options (``EmulatorOptions``; CLI ``--flag-name``; live via ``POST /_emulator/co
 - ``disconnect_after_events`` (int, -1 = off): after min(N, deltas) deltas the TCP
   connection is reset (RST, no terminating chunk). Non-streaming: reset before any
   response byte. When both are set the smaller count wins; a tie cuts.
+- ``reject_code`` (str, "" = off): every messages / chat-completions request
+  (count_tokens is exempt, as from all limits) is refused, after auth and body
+  checks and before the limits, with that Z.AI business code in the request's format,
+  and counted under ``rejected`` like any refusal. Accepted codes and answers:
+  1302 / 1303 = 429 exactly as ``concurrency_cap`` / ``rate_cap``; 1305 = Anthropic
+  529 ``overloaded_error``, OpenAI 429; 1308 = 429 "Usage limit reached for 5 hour.
+  Your limit will reset at <UTC+8>" and 1310 = 429 "Weekly/Monthly Limit Exhausted.
+  Your limit will reset at <UTC+8>", both resetting ``quota_reset_after`` s from now,
+  with that ``retry-after``; 1311 = 429 "Your current subscription plan does not yet
+  include access to <model>" (the model the reply would name); 1113 (arrears), 1304
+  (daily limit), 1309 (plan expired), 1312 (model busy), 1313 (fair use) = 429. Any
+  other value is refused by validation.
 - ``input_tokens`` (int, -1 = derive): uncached input tokens reported. Derived =
   ceil(utf-8 bytes of compact JSON of the request's system/messages/tools / 4), >= 1.
 - ``cache_read_tokens`` / ``cache_write_tokens`` (int, 0): reported cache reads and
@@ -66,6 +78,15 @@ Options (``EmulatorOptions``; CLI ``--flag-name``; live via ``POST /_emulator/co
   encoding cannot be loaded; ``GET /_emulator/stats`` shows which).
 - ``anthropic_429_type`` ("code" | "rate_limit_error", "code"): error.type of 429s
   on the Anthropic route.
+
+Per-request options: an API request may carry ``x-emulator-options: <JSON object>``
+with any of the fields above except ``api_key``, coerced and validated exactly as by
+``POST /_emulator/config`` and applied on top of the current options for that
+request only (e.g. ``{"error_after_events": 2}`` or ``{"reject_code": "1302"}``).
+Checked after authentication; a bad value (not JSON, not an object, unknown field,
+wrong type or range, ``api_key``, the header given twice) -> 400 code 1210 (Anthropic
+``invalid_request_error``) "Invalid x-emulator-options header: <problem>", recorded
+as ``rejected``. Without the header nothing changes.
 
 Usage reported: Anthropic ``message_start`` has input/cache counts and
 output_tokens 1; ``message_delta`` has the cumulative output tokens and repeats the
@@ -81,8 +102,17 @@ Control routes (no auth; bind to loopback)
   id, time, method, path, query, format, headers (lower-cased name -> value;
   credentials and any value containing the key replaced by
   "sha256:<hex of the whole value>"),
-  body_size, body_sha256, model, stream, status, code, outcome (in_progress,
-  completed, rejected, error_event, error_response, disconnected, client_gone).
+  body_size, body_sha256 (hex sha256 of the raw body as received), body_b64 (the raw
+  body base64, or null when over 64 KiB or when it contains the upstream key),
+  request_id (the ``x-request-id`` header or null; hashed if it holds the key), model,
+  stream, status, code, outcome (in_progress, completed, rejected, error_event,
+  error_response, disconnected, client_gone), usage (what was reported to the client,
+  as ``{"input", "output", "cache_read", "cache_write"}`` in Anthropic terms; OpenAI:
+  prompt_tokens - cached_tokens, completion_tokens, cached_tokens, 0). usage is set
+  once the non-streamed 200 body or the stream's final usage event (Anthropic
+  ``message_delta``, OpenAI usage chunk) has been sent, and stays null otherwise
+  (refusals, error events and responses, cuts, OpenAI streams without
+  ``include_usage``, count_tokens).
 - ``POST /_emulator/reset``: forget requests, counters, rate window and quota.
 - ``GET /_emulator/stats``: in_flight, max_in_flight, accepted, rejected by code,
   outcomes, tokenizer.

@@ -9,7 +9,8 @@ like Z.AI (unlike Anthropic), repeats the input and cache counts.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .errors import ApiFormat, stream_error_data
 from .options import EmulatorOptions

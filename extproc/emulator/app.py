@@ -14,23 +14,35 @@ import struct
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
 from . import anthropic_sse, openai_sse
 from .content import tokenizer_name
-from .errors import ApiFormat, ZaiError, auth_missing, auth_wrong, error_body, overloaded
+from .errors import (
+    ApiFormat,
+    ZaiError,
+    auth_missing,
+    auth_wrong,
+    bad_options_header,
+    error_body,
+    overloaded,
+    rejection,
+)
 from .limits import Limits
-from .options import EmulatorOptions
+from .options import OPTIONS_HEADER, EmulatorOptions
 from .records import RequestLog, redact_path
 from .reply import (
     Reply,
+    SseEvent,
     StreamPlan,
     failure,
     input_tokens_for,
     plan_reply,
+    response_model,
     validate_request,
 )
 
@@ -110,7 +122,8 @@ Action = Callable[..., Awaitable[web.StreamResponse]]
 async def _api_call(
     request: web.Request, fmt: ApiFormat, action: Action
 ) -> web.StreamResponse:
-    """Record, authenticate and validate an API call, then hand it to `action`."""
+    """Record, authenticate and validate an API call (and its per-request options
+    header), then hand it to `action`."""
     state = request.app[STATE]
     options = dataclasses.replace(state.options)  # in-flight requests keep their view
     raw = await request.read()
@@ -123,13 +136,22 @@ async def _api_call(
         api_format=fmt.value,
         api_key=options.api_key,
         wall=state.wall_clock(),
+        request_id=request.headers.get("x-request-id"),
     )
     started = time.perf_counter()
     try:
         body = _parse_json(raw)
         if isinstance(body, dict):
             state.log.note_body(record, body)
-        error = _check_auth(request, fmt, options.api_key) or validate_request(body)
+        error = _check_auth(request, fmt, options.api_key)
+        if error is None:
+            try:
+                options = options.with_request_overrides(
+                    request.headers.getall(OPTIONS_HEADER, [])
+                )
+            except ValueError as exc:
+                error = bad_options_header(OPTIONS_HEADER, str(exc))
+        error = error or validate_request(body)
         if error is not None:
             state.limits.note_rejection(error.code)
             return _error_response(fmt, error, options, record, "rejected")
@@ -210,6 +232,16 @@ async def _generate(
 ) -> web.StreamResponse:
     key_id = hashlib.sha256(options.api_key.encode("utf-8")).hexdigest()
     limits = state.limits
+    if options.reject_code:
+        error = rejection(
+            options.reject_code,
+            fmt,
+            model=response_model(body.get("model"), options.model_default),
+            reset_epoch=state.wall_clock() + options.quota_reset_after,
+            retry_after=options.quota_reset_after,
+        )
+        limits.note_rejection(error.code)
+        return _error_response(fmt, error, options, record, "rejected")
     error = limits.admit(key_id, options, state.clock(), state.wall_clock())
     if error is not None:
         return _error_response(fmt, error, options, record, "rejected")
@@ -255,7 +287,7 @@ async def _stream(
             await _sleep_watching(request, options.event_interval)
         if index == plan.cut_at:
             return _reset_connection(request, response, record)
-        await _write(request, response, event.encode())
+        await _send_event(request, response, event, record)
         sent_text = sent_text or event.text is not None
     if plan.cut_at == len(plan.events):
         return _reset_connection(request, response, record)
@@ -282,8 +314,38 @@ async def _complete(
         return _error_response(fmt, overloaded(fmt), options, record, "error_response")
     record.update(status=200, outcome="completed")
     if fmt is ApiFormat.ANTHROPIC:
-        return web.json_response(anthropic_sse.message(reply))
-    return web.json_response(openai_sse.completion(reply))
+        data = anthropic_sse.message(reply)
+        usage = anthropic_sse.recorded_usage(data["usage"])
+    else:
+        data = openai_sse.completion(reply)
+        usage = openai_sse.recorded_usage(data["usage"])
+    response = web.json_response(data)
+    # Sent here rather than by aiohttp after we return, so the record's usage
+    # means "delivered" (set first, so a client that has read it finds it).
+    RequestLog.note_usage(record, usage)
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except BaseException:
+        RequestLog.note_usage(record, None)
+        raise
+    return response
+
+
+async def _send_event(
+    request: web.Request, response: web.StreamResponse, event: SseEvent, record: dict[str, Any]
+) -> None:
+    """Write one event; the one carrying the final usage also sets the record's usage
+    (first, so a client that has read the event finds it; taken back on failure)."""
+    if event.usage is None:
+        await _write(request, response, event.encode())
+        return
+    RequestLog.note_usage(record, event.usage)
+    try:
+        await _write(request, response, event.encode())
+    except BaseException:
+        RequestLog.note_usage(record, None)
+        raise
 
 
 async def _write(request: web.Request, response: web.StreamResponse, data: bytes) -> None:

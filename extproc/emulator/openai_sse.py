@@ -11,7 +11,8 @@ inside prompt_tokens), prompt_tokens_details.cached_tokens = cache_read_tokens.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .errors import ApiFormat, stream_error_data
 from .options import EmulatorOptions

@@ -17,7 +17,8 @@ import base64
 import hashlib
 import itertools
 from collections import deque
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 MAX_RECORDS = 1000

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .content import (
     count_output_tokens,
@@ -84,7 +85,7 @@ class SseEvent:
         else:
             payload = json.dumps(self.data, ensure_ascii=False, separators=(",", ":"))
         head = f"event: {self.name}\n" if self.name is not None else ""
-        return f"{head}data: {payload}\n\n".encode("utf-8")
+        return f"{head}data: {payload}\n\n".encode()
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ssl
 import time
 from types import TracebackType
+from typing import Self
 
 from aiohttp import web
 
@@ -70,7 +71,7 @@ class EmulatorServer:
             await self._runner.cleanup()
             self._runner = None
 
-    async def __aenter__(self) -> "EmulatorServer":
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

@@ -219,6 +219,9 @@ class Admission:
             self._schedule(self.poll_interval)
 
     async def _admit_queued(self) -> None:
+        if len(self.queue) and self.gate.check(self.wall()) is not None:
+            self._refuse_queued()  # the quota ran out while they waited: nothing would pass
+            return
         while len(self.queue):
             choice = self.queue.peek(self.in_flight_by_worker)
             assert choice is not None
@@ -234,6 +237,19 @@ class Admission:
                 waiter.set_result(permit)
             else:
                 await permit.release(None)
+
+    def _refuse_queued(self) -> None:
+        """Every queued request gets the quota gate's 429 now, instead of at its queue timeout."""
+        while len(self.queue):
+            choice = self.queue.peek(self.in_flight_by_worker)
+            assert choice is not None
+            worker, waiter = choice
+            self.queue.pop(worker)
+            if not waiter.done():
+                try:
+                    self.check_gate()
+                except Rejected as rejection:
+                    waiter.set_exception(rejection)
 
     # -- release -----------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ real loopback socket, official SDK clients, TLS, and the command line."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -14,9 +15,10 @@ import signal
 import ssl
 import subprocess
 import sys
-from datetime import datetime, timezone
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import anthropic
@@ -27,8 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import extproc.emulator as emulator_pkg
-from extproc.emulator import EmulatorOptions, EmulatorServer
-from extproc.emulator import anthropic_sse, openai_sse
+from extproc.emulator import EmulatorOptions, EmulatorServer, anthropic_sse, openai_sse
 from extproc.emulator.cli import build_parser
 from extproc.emulator.content import (
     count_output_tokens,
@@ -37,7 +38,7 @@ from extproc.emulator.content import (
 )
 from extproc.emulator.options import field_types
 from extproc.emulator.records import redact_pairs
-from extproc.emulator.reply import make_plan, plan_reply, SseEvent
+from extproc.emulator.reply import SseEvent, make_plan, plan_reply
 
 KEY = "zai-test-key-7f3a9c"
 ROOT = Path(__file__).resolve().parents[2]
@@ -410,7 +411,7 @@ async def test_rate_cap_gives_1303_within_the_sliding_window() -> None:
 @pytest.mark.asyncio
 async def test_quota_gives_1308_with_utc8_reset_time_then_resets() -> None:
     clock = FakeClock(50.0)
-    wall = FakeClock(datetime(2026, 11, 23, 8, 4, 5, tzinfo=timezone.utc).timestamp())
+    wall = FakeClock(datetime(2026, 11, 23, 8, 4, 5, tzinfo=UTC).timestamp())
     async with serve(clock=clock, wall=wall, quota_requests=2,
                      quota_reset_after=5 * 3600) as (_, session):
         for _ in range(2):
@@ -569,6 +570,322 @@ async def test_control_endpoints_config_and_reset() -> None:
             assert resp.status == 200  # rate window forgotten too
 
 
+# ------------------------------------------------------------------ per-request options
+
+
+async def records(session: aiohttp.ClientSession) -> list[dict[str, Any]]:
+    async with session.get("/_emulator/requests") as resp:
+        return list((await resp.json())["requests"])
+
+
+def with_options(headers: dict[str, str], **changes: Any) -> dict[str, str]:
+    return {**headers, "x-emulator-options": json.dumps(changes)}
+
+
+ONCE = "a reply for this request only"  # six words: enough for five deltas
+
+
+@pytest.mark.asyncio
+async def test_options_header_changes_one_request_only() -> None:
+    async with serve(events_per_stream=5) as (server, session):
+        before = server.options.public_dict()
+        body = {**BODY, "stream": True}
+        async with session.post(ANTHROPIC_URL, json=body,
+                                headers=with_options(bearer(), error_after_events=1)) as resp:
+            assert resp.status == 200
+            names = [n for n, _ in parse_sse(await resp.read())]
+        assert names == ["message_start", "content_block_start", "ping",
+                         "content_block_delta", "error"]
+        async with session.post(ANTHROPIC_URL, json=body, headers=bearer()) as resp:
+            names = [n for n, _ in parse_sse(await resp.read())]
+        assert names.count("content_block_delta") == 5 and names[-1] == "message_stop"
+
+        cut = with_options(bearer(), disconnect_after_events=2, events_per_stream=4)
+        async with session.post(CODING_URL, json=body, headers=cut) as resp:
+            assert resp.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+        async with session.post(CODING_URL, json=body, headers=bearer()) as resp:
+            events = parse_sse(await resp.read())
+        assert events[-1][1] == "[DONE]"
+        assert sum(1 for _, d in events[:-1] if d["choices"] and
+                   d["choices"][0]["delta"].get("content")) == 5
+
+        # Non-streaming, and a non-fault option (the reply text) for one request.
+        async with session.post(CODING_URL, json=BODY,
+                                headers=with_options(bearer(), text=ONCE)) as resp:
+            assert (await resp.json())["choices"][0]["message"]["content"] == ONCE
+        async with session.post(CODING_URL, json=BODY, headers=bearer()) as resp:
+            assert (await resp.json())["choices"][0]["message"]["content"] == server.options.text
+        assert server.options.public_dict() == before  # the live options never changed
+        async with session.get("/_emulator/config") as resp:
+            assert await resp.json() == before
+        outcomes = [r["outcome"] for r in await records(session)]
+    assert outcomes == ["error_event", "completed", "disconnected", "completed",
+                        "completed", "completed"]
+
+
+@pytest.mark.asyncio
+async def test_options_header_is_per_request_under_concurrency() -> None:
+    async with serve(events_per_stream=4, event_interval=0.02) as (_, session):
+        body = {**BODY, "stream": True}
+
+        async def call(i: int) -> list[str | None]:
+            headers = {**bearer(), "x-request-id": f"req-{i}"}
+            if i % 2:
+                headers = with_options(headers, error_after_events=1)
+            async with session.post(ANTHROPIC_URL, json=body, headers=headers) as resp:
+                assert resp.status == 200
+                return [n for n, _ in parse_sse(await resp.read())]
+
+        results = await asyncio.gather(*(call(i) for i in range(12)))
+        assert (await stats(session))["max_in_flight"] > 1  # they really overlapped
+        by_id = {r["request_id"]: r for r in await records(session)}
+    for i, names in enumerate(results):
+        record = by_id[f"req-{i}"]
+        if i % 2:
+            assert names[-1] == "error" and names.count("content_block_delta") == 1
+            assert record["outcome"] == "error_event" and record["usage"] is None
+        else:
+            assert names[-1] == "message_stop" and names.count("content_block_delta") == 4
+            assert record["outcome"] == "completed" and record["usage"] is not None
+
+
+BAD_OPTION_HEADERS = [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"bogus": 1}', "unknown emulator option 'bogus'"),
+    ('{"events_per_stream": true}', "'events_per_stream' must be int, got bool"),
+    ('{"events_per_stream": 0}', "'events_per_stream' must be >= 1"),
+    ('{"reject_code": "1999"}', "'reject_code' must be '' (off) or one of"),
+    (json.dumps({"api_key": KEY}), "'api_key' cannot be set per request"),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("value", "problem"), BAD_OPTION_HEADERS)
+async def test_invalid_options_header_gets_400_in_each_format(value: str, problem: str) -> None:
+    async with serve() as (_, session):
+        headers = {**bearer(), "x-emulator-options": value}
+        async with session.post(ANTHROPIC_URL, json=BODY, headers=headers) as resp:
+            assert resp.status == 400
+            anthropic_body = await resp.json()
+        async with session.post(CODING_URL, json={**BODY, "stream": True},
+                                headers=headers) as resp:
+            assert resp.status == 400
+            assert resp.content_type == "application/json"
+            openai_body = await resp.json()
+        async with session.post(CODING_URL, json=BODY, headers=bearer()) as resp:
+            assert resp.status == 200  # the next request without the header is normal
+        recorded = await records(session)
+        counts = await stats(session)
+    assert anthropic_body["type"] == "error"
+    assert anthropic_body["error"]["type"] == "invalid_request_error"
+    assert anthropic_body["error"]["code"] == "1210"
+    assert set(openai_body) == {"error"} and set(openai_body["error"]) == {"code", "message"}
+    assert openai_body["error"]["code"] == "1210"
+    for message in (anthropic_body["error"]["message"], openai_body["error"]["message"]):
+        assert message.startswith("Invalid x-emulator-options header: ")
+        assert problem in message
+        assert KEY not in message
+    assert [(r["status"], r["code"], r["outcome"]) for r in recorded] == [
+        (400, "1210", "rejected"), (400, "1210", "rejected"), (200, None, "completed")]
+    assert counts["rejected"] == {"1210": 2} and counts["accepted"] == 1
+    assert KEY not in json.dumps(recorded)
+
+
+@pytest.mark.asyncio
+async def test_options_header_given_twice_or_without_auth() -> None:
+    async with serve() as (_, session):
+        headers = [("Authorization", f"Bearer {KEY}"), ("x-emulator-options", "{}"),
+                   ("x-emulator-options", "{}")]
+        async with session.post(CODING_URL, json=BODY, headers=headers) as resp:
+            assert resp.status == 400
+            assert "given 2 times" in (await resp.json())["error"]["message"]
+        async with session.post(CODING_URL, json=BODY,
+                                headers={"x-emulator-options": "{nope"}) as resp:
+            assert resp.status == 401  # authentication is checked first
+        async with session.post(CODING_URL, json=BODY,
+                                headers=with_options(bearer())) as resp:
+            assert resp.status == 200  # an empty object changes nothing
+
+
+# ------------------------------------------------------------------ reject_code
+
+
+async def refusal(session: aiohttp.ClientSession, path: str,
+                  headers: dict[str, str]) -> tuple[int, Any, Any]:
+    async with session.post(path, json={**BODY, "stream": True}, headers=headers) as resp:
+        return resp.status, resp.headers.copy(), await resp.json()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("code", "message"), [
+    ("1302", ("High concurrency usage of this API, please reduce concurrency or contact "
+              "customer service to increase limits")),
+    ("1303", ("High frequency usage of this API, please reduce frequency or contact "
+              "customer service to increase limits")),
+])
+async def test_reject_code_throttles_in_both_formats(code: str, message: str) -> None:
+    async with serve(reject_code=code) as (server, session):
+        status, headers, body = await refusal(session, CODING_URL, bearer())
+        assert (status, body) == (429, {"error": {"code": code, "message": message}})
+        assert "retry-after" not in headers
+        status, _, body = await refusal(session, ANTHROPIC_URL, bearer())
+        assert status == 429
+        assert body == {"type": "error",
+                        "error": {"type": code, "code": code, "message": message}}
+        server.options.update({"anthropic_429_type": "rate_limit_error"})
+        _, _, body = await refusal(session, ANTHROPIC_URL, bearer())
+        assert body["error"]["type"] == "rate_limit_error" and body["error"]["code"] == code
+        async with session.post(ANTHROPIC_URL + "/count_tokens", json=BODY,
+                                headers=bearer()) as resp:
+            assert resp.status == 200  # count_tokens is exempt, as from every limit
+        counts = await stats(session)
+        recorded = await records(session)
+    assert counts["rejected"] == {code: 3} and counts["accepted"] == 0
+    assert counts["outcomes"] == {"rejected": 3, "completed": 1}
+    assert [(r["status"], r["code"], r["usage"]) for r in recorded[:3]] == [
+        (429, code, None)] * 3
+
+
+@pytest.mark.asyncio
+async def test_reject_code_1308_gives_the_reset_time_in_both_formats() -> None:
+    wall = FakeClock(datetime(2026, 11, 23, 8, 4, 5, tzinfo=UTC).timestamp())
+    async with serve(wall=wall, quota_reset_after=2 * 3600 + 0.5) as (_, session):
+        refused = with_options(bearer(), reject_code="1308")
+        status, headers, body = await refusal(session, CODING_URL, refused)
+        assert status == 429 and headers["retry-after"] == str(2 * 3600 + 1)
+        expected = ("Usage limit reached for 5 hour. "
+                    "Your limit will reset at 2026-11-23 18:04:05")
+        assert body == {"error": {"code": "1308", "message": expected}}
+        status, headers, body = await refusal(session, ANTHROPIC_URL, refused)
+        assert status == 429 and headers["retry-after"] == str(2 * 3600 + 1)
+        assert body["error"] == {"type": "1308", "code": "1308", "message": expected}
+        async with session.post(CODING_URL, json=BODY, headers=bearer()) as resp:
+            assert resp.status == 200  # only the requests with the header were refused
+        assert (await stats(session))["rejected"] == {"1308": 2}
+
+
+@pytest.mark.asyncio
+async def test_reject_code_other_codes() -> None:
+    wall = FakeClock(datetime(2026, 1, 1, 0, 0, 0, tzinfo=UTC).timestamp())
+    async with serve(wall=wall, quota_reset_after=60) as (server, session):
+        async def both(code: str) -> tuple[tuple[int, Any], tuple[int, Any]]:
+            headers = with_options(bearer(), reject_code=code)
+            status_o, _, openai_body = await refusal(session, CODING_URL, headers)
+            status_a, _, anthropic_body = await refusal(session, ANTHROPIC_URL, headers)
+            return (status_o, openai_body["error"]), (status_a, anthropic_body["error"])
+
+        (status_o, err_o), (status_a, err_a) = await both("1305")
+        assert (status_o, err_o["code"]) == (429, "1305")
+        assert (status_a, err_a["type"], err_a["code"]) == (529, "overloaded_error", "1305")
+        (_, err_o), _ = await both("1310")
+        assert err_o["message"] == ("Weekly/Monthly Limit Exhausted. "
+                                    "Your limit will reset at 2026-01-01 08:01:00")
+        (_, err_o), _ = await both("1311")
+        assert err_o["message"].endswith("does not yet include access to glm-4.7")
+        for code in ("1113", "1304", "1309", "1312", "1313"):
+            (status_o, err_o), (status_a, err_a) = await both(code)
+            assert (status_o, err_o["code"], status_a, err_a["code"]) == (429, code, 429, code)
+            assert err_o["message"] == err_a["message"] and err_o["message"]
+        async with session.post("/_emulator/config", json={"reject_code": "1234"}) as resp:
+            assert resp.status == 400
+            assert "'reject_code' must be '' (off) or one of 1113" in (await resp.json())["error"]
+        async with session.post("/_emulator/config", json={"reject_code": 1302}) as resp:
+            assert resp.status == 400  # a string, like every str option
+        assert server.options.reject_code == ""
+
+
+# ------------------------------------------------------------------ request records
+
+
+@pytest.mark.asyncio
+async def test_records_carry_body_usage_and_request_id() -> None:
+    async with serve(events_per_stream=3, cache_read_tokens=5,
+                     cache_write_tokens=2) as (server, session):
+        text_tokens = count_output_tokens(server.options.text)
+        raw = json.dumps(BODY, ensure_ascii=False).encode("utf-8")
+        json_headers = {"Content-Type": "application/json"}
+        # 1: Anthropic, non-streamed, with a request id.
+        async with session.post(ANTHROPIC_URL, data=raw, headers={
+                **bearer(), **json_headers, "x-request-id": "req-one"}) as resp:
+            reported = (await resp.json())["usage"]
+        # 2: OpenAI stream with the usage chunk.
+        streamed = json.dumps({**BODY, "stream": True,
+                               "stream_options": {"include_usage": True}}).encode()
+        async with session.post(CODING_URL, data=streamed,
+                                headers={**bearer(), **json_headers}) as resp:
+            openai_usage = parse_sse(await resp.read())[-2][1]["usage"]
+        # 3: OpenAI stream without it: nothing reported.
+        async with session.post(CODING_URL, json={**BODY, "stream": True},
+                                headers=bearer()) as resp:
+            await resp.read()
+        # 4: Anthropic stream ending in an error event: no usage.
+        async with session.post(ANTHROPIC_URL, json={**BODY, "stream": True},
+                                headers=with_options(bearer(), error_after_events=1)) as resp:
+            assert parse_sse(await resp.read())[-1][0] == "error"
+        # 5: Anthropic stream, complete.
+        async with session.post(ANTHROPIC_URL, json={**BODY, "stream": True},
+                                headers=bearer()) as resp:
+            final = next(d for n, d in parse_sse(await resp.read()) if n == "message_delta")
+        # 6: refused; 7: cut.
+        async with session.post(CODING_URL, json=BODY,
+                                headers=with_options(bearer(), reject_code="1302")) as resp:
+            assert resp.status == 429
+        async with session.post(ANTHROPIC_URL, json={**BODY, "stream": True},
+                                headers=with_options(bearer(),
+                                                     disconnect_after_events=1)) as resp:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+        # 8: a body over 64 KiB, 9: a body holding the key.
+        big = json.dumps({**BODY, "metadata": {"pad": "x" * (64 * 1024)}}).encode()
+        async with session.post(CODING_URL, data=big,
+                                headers={**bearer(), **json_headers}) as resp:
+            assert resp.status == 200
+        leaky = json.dumps({**BODY, "metadata": {"user_id": KEY}}).encode()
+        async with session.post(CODING_URL, data=leaky,
+                                headers={**bearer(), **json_headers,
+                                         "x-request-id": f"id-{KEY}"}) as resp:
+            assert resp.status == 200
+        async with session.get("/_emulator/requests") as resp:
+            listing = await resp.text()
+        recorded = json.loads(listing)["requests"]
+
+    assert KEY not in listing
+    first = recorded[0]
+    assert first["request_id"] == "req-one"
+    assert first["body_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert base64.b64decode(first["body_b64"]) == raw
+    input_tokens = estimate_input_tokens(BODY)
+    anthropic_usage = {"input": input_tokens, "output": text_tokens,
+                       "cache_read": 5, "cache_write": 2}
+    assert first["usage"] == anthropic_usage
+    assert reported["input_tokens"] == input_tokens and reported["output_tokens"] == text_tokens
+
+    second = recorded[1]
+    assert second["request_id"] is None
+    assert base64.b64decode(second["body_b64"]) == streamed
+    assert openai_usage["prompt_tokens"] == input_tokens + 5
+    assert second["usage"] == {"input": input_tokens, "output": text_tokens,
+                               "cache_read": 5, "cache_write": 0}
+    assert recorded[2]["usage"] is None and recorded[2]["outcome"] == "completed"
+    assert recorded[3]["usage"] is None and recorded[3]["outcome"] == "error_event"
+    assert recorded[4]["usage"] == anthropic_usage
+    assert final["usage"]["output_tokens"] == text_tokens
+    assert (recorded[5]["outcome"], recorded[5]["usage"]) == ("rejected", None)
+    assert (recorded[6]["outcome"], recorded[6]["usage"]) == ("disconnected", None)
+    assert recorded[7]["body_b64"] is None and recorded[7]["body_size"] == len(big)
+    assert recorded[7]["body_sha256"] == hashlib.sha256(big).hexdigest()
+    assert recorded[7]["usage"] is not None
+    assert recorded[8]["body_b64"] is None  # holds the key: hashed only
+    assert recorded[8]["body_sha256"] == hashlib.sha256(leaky).hexdigest()
+    assert recorded[8]["request_id"] == "sha256:" + hashlib.sha256(
+        f"id-{KEY}".encode()).hexdigest()
+    assert all(set(r) >= {"body_sha256", "body_b64", "usage", "request_id"} for r in recorded)
+
+
+
 # ------------------------------------------------------------------ official SDKs
 
 
@@ -681,7 +998,7 @@ def test_cli_announces_port_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
 def test_cli_refuses_to_start_without_the_key_variable() -> None:
     env = {k: v for k, v in os.environ.items() if k != "ZAI_EMULATOR_KEY"}
     env["PYTHONPATH"] = str(ROOT)
-    done = subprocess.run([sys.executable, "-m", "extproc.emulator"], env=env,
+    done = subprocess.run([sys.executable, "-m", "extproc.emulator"], env=env, check=False,
                           capture_output=True, text=True, timeout=10)
     assert done.returncode == 2
     assert "ZAI_EMULATOR_KEY is unset or empty" in done.stderr

@@ -122,3 +122,21 @@ async def test_start_history_stays_bounded_without_any_upstream_answer():
         await permit.release(None)
         wall.now += 0.5  # 120 starts a minute
     assert len(adm._starts) <= 121
+
+
+async def test_quota_gate_closing_refuses_the_queue_at_once():
+    events: list = []
+    wall = Wall()
+    adm = admission(limit=1, max_wait=30.0, wall=wall, events=events)
+    held = await adm.admit("a")
+    queued = [asyncio.ensure_future(adm.admit(w)) for w in ("b", "c")]
+    await asyncio.sleep(0.02)
+    assert len(adm.queue) == 2
+    adm.gate.close(wall.now + 600, "1308", "Usage limit reached", now_wall=wall.now)
+    for waiting in queued:
+        with pytest.raises(Rejected) as refused:
+            await asyncio.wait_for(waiting, 1)  # long before the 30 s queue timeout
+        assert refused.value.reason == "quota" and refused.value.retry_after == pytest.approx(600)
+    assert len(adm.queue) == 0 and events.count("quota") == 2
+    await held.release(None)
+    assert adm.in_flight == 0
