@@ -9,6 +9,7 @@ from typing import Callable, Protocol
 from extproc.accounting.request_body import RequestInfo
 from extproc.api import Api
 from extproc.limiter.account import AccountLimiter
+from extproc.limiter.signals import Signal
 from extproc.proxy.attempt import AttemptVerdict
 from extproc.proxy.keys import UpstreamKey, WorkerKeys
 from extproc.proxy.outcome import Recorder
@@ -73,3 +74,15 @@ class Gateway:
     observer_grace: float = OBSERVER_GRACE_SECONDS
     # Requests and observations not recorded (or handed over) yet: /health?detail=1 shows them.
     open: set[object] = field(default_factory=set)
+    # Admitted requests of this process by session id, until their slot is back: an observer
+    # stream that lands here tells its request that Z.AI took it (the limiter's load). Only a
+    # refinement: the record never depends on finding its request here.
+    admitted: dict[str, Callable[[], None]] = field(default_factory=dict)
+
+    def upstream_answered(self, session: str) -> None:
+        """Z.AI accepted a request (a 2xx started): its slot now counts as load on the account."""
+        mark = self.admitted.get(session)
+        if mark is not None:
+            mark()
+        else:  # its slot is held by another process: the limiter here still learns the success
+            self.on_attempt(AttemptVerdict(Signal.SUCCESS, None, None, None))

@@ -37,6 +37,8 @@ class Observation:
 
     def on_response_headers(self, headers: Mapping[str, str], end_of_stream: bool) -> None:
         self.record.on_response_headers(headers, end_of_stream)
+        if 200 <= (self.record.status or 0) < 300:
+            self.gateway.upstream_answered(self.ticket.session)
 
     def on_response_body(self, chunk: bytes, end_of_stream: bool) -> None:
         self.record.on_response_body(chunk, end_of_stream)

@@ -46,6 +46,7 @@ class RequestRecord:
     response: ResponseBody | None = None
     usage_injected: bool = False
     response_ended: bool = False  # the response's last byte went by
+    body_seen: bool = False  # a response body chunk went by
     went_upstream: bool = True  # False: answered by the gateway itself (no tokens)
     recorded: bool = False
     _input_count: asyncio.Future[int] | None = None
@@ -98,6 +99,7 @@ class RequestRecord:
         response = self.response
         if response is None:
             return None
+        self.body_seen = True
         if end_of_stream:
             self.response_ended = True
         return response.feed(chunk, end_of_stream, self.gateway.clock())

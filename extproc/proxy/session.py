@@ -39,6 +39,11 @@ NOT_FOUND = ("zai-proxy: no such endpoint. Use POST /api/anthropic/v1/messages (
              "/v1/messages/count_tokens) for the Anthropic API, POST /v1/chat/completions for the "
              "OpenAI API, GET /health or GET /metrics.")
 
+# What Envoy answers when the upstream resets after its response headers, before they went out,
+# and how soon after them the stream must end for that to be the case.
+UPSTREAM_RESET_STATUS = 502
+UPSTREAM_RESET_WINDOW = 0.05
+
 # Headers the gateway uses internally to carry identity or variant: never accepted from clients.
 INTERNAL_HEADER_PREFIX = "x-zai-proxy-"
 
@@ -70,6 +75,7 @@ class RequestSession:
     entrance: Entrance | None = None
     ticket: Ticket | None = None  # set once admitted: the request goes upstream
     permit: Permit | None = None
+    _headers_seen_at: float | None = None
     _done: bool = False
 
     @property
@@ -142,6 +148,8 @@ class RequestSession:
             assert self.record is not None
             self.ticket = Ticket(self.session_id, self.worker, self.endpoint,
                                  self.record.request_id, self.record.started)
+            if self.permit is not None:
+                self.gateway.admitted[self.session_id] = self.upstream_answered
         yield answer
         if isinstance(answer, ImmediateReply):
             await self.complete(completed=True)
@@ -176,15 +184,16 @@ class RequestSession:
     # -- response headers ------------------------------------------------------------------------
 
     def on_response_headers(self, headers: Mapping[str, str], end_of_stream: bool) -> None:
-        """The status the client gets (Envoy's own replies included); a 2xx frees the limiter's
-        judgement of this slot: Z.AI is serving it."""
+        """The response status (inline routes; elsewhere the observer stream sees it)."""
         assert self.record is not None
-        if self.inline:
-            self.record.on_response_headers(headers, end_of_stream)
-        else:
-            self.record.status = int(headers.get(":status", "0") or 0)
-        status = self.record.status or 0
-        if self.permit is not None and 200 <= status < 300:
+        self._headers_seen_at = self.gateway.clock()
+        self.record.on_response_headers(headers, end_of_stream)
+        if 200 <= (self.record.status or 0) < 300:
+            self.upstream_answered()
+
+    def upstream_answered(self) -> None:
+        """Z.AI took the request: the limiter learns the success, and the slot counts as load."""
+        if self.permit is not None and not self.permit.answered:
             self.gateway.on_attempt(SUCCESS)
             self.permit.mark_answered()
 
@@ -208,14 +217,30 @@ class RequestSession:
         try:
             if self.permit is not None:
                 # First, and whatever happens below: the slot goes back exactly once.
+                self.gateway.admitted.pop(self.session_id, None)
                 await self.permit.release(None)
             if self.record is None:
                 return None
+            if self.inline and not completed:
+                self._upstream_reset_before_headers_went_out()
             if self.inline or self.ticket is None or await self._observer_absent():
                 return await self.record.record(completed)
             return None
         finally:
             self.gateway.open.discard(self)
+
+    def _upstream_reset_before_headers_went_out(self) -> None:
+        """This stream held the response headers (inline routes answer them). If the upstream
+        reset before Envoy had this stream's answer, Envoy never sent those headers: the client
+        got Envoy's 502 instead. That is a 2xx with no body chunk (Envoy sends those only after
+        the headers went on) whose stream closed at once; a client that leaves while waiting for
+        the first token does so later, and saw the 2xx."""
+        record = self.record
+        assert record is not None
+        if (200 <= (record.status or 0) < 300 and not record.body_seen
+                and not record.response_ended and self._headers_seen_at is not None
+                and self.gateway.clock() - self._headers_seen_at < UPSTREAM_RESET_WINDOW):
+            record.status = UPSTREAM_RESET_STATUS
 
     async def _observer_absent(self) -> bool:
         """Whether this stream must record the request because its observer stream never claimed

@@ -212,3 +212,20 @@ def test_client_token_sources():
     assert client_token({"authorization": "Bearer k2"}) == "k2"
     assert client_token({"authorization": "Basic abc"}) is None
     assert client_token({}) is None
+
+
+async def test_inline_stream_reset_right_after_its_headers_is_envoys_502_but_a_later_leave_is_200():
+    clock = Clock()
+    gw = gateway(clock=clock)
+    reset = RequestSession(gw)
+    reset.on_request_headers({":path": "/v1/chat/completions", "x-request-id": "reset"})
+    reset.on_response_headers({":status": "200", "content-type": "text/event-stream"}, False)
+    clock.now += 0.001  # the upstream reset before this stream's answer was applied
+    await reset.complete(completed=False)
+    left = RequestSession(gw)
+    left.on_request_headers({":path": "/v1/chat/completions", "x-request-id": "left"})
+    left.on_response_headers({":status": "200", "content-type": "text/event-stream"}, False)
+    clock.now += 2.0  # the client gave up waiting for the first token
+    await left.complete(completed=False)
+    statuses = {o.request_id: (o.status, o.completed) for o in gw.recorder.outcomes}
+    assert statuses == {"reset": (502, False), "left": (200, False)}
