@@ -171,7 +171,7 @@ async def _api_call(
 def _parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
-    except ValueError:  # includes UnicodeDecodeError
+    except (ValueError, RecursionError):  # UnicodeDecodeError included; nesting past Python's limit
         return None
 
 
