@@ -239,7 +239,8 @@ class Settings:
         "Optional `name key` lines; when set, requests must carry one of these keys.")
     listen_address: str = setting(
         "LISTEN_ADDRESS", parse_host, "127.0.0.1", "LISTEN_ADDRESS=0.0.0.0",
-        "Address Envoy's listener binds (use `0.0.0.0` to serve other machines, with worker keys).")
+        "Address Envoy's listener binds (use `0.0.0.0` to serve other machines, with worker keys; "
+        "then `/metrics` and `/health?detail=1` on it need `ADMIN_TOKEN`).")
     listen_port: int = setting(
         "LISTEN_PORT", parse_port, "8080", "LISTEN_PORT=8080",
         "Port of Envoy's listener (the workers' entrance).")
@@ -332,7 +333,8 @@ class Settings:
         "The learned start rate (requests per minute) never goes above this.")
     queue_timeout: float = setting(
         "QUEUE_TIMEOUT_SECONDS", parse_seconds, "120", "QUEUE_TIMEOUT_SECONDS=120",
-        "Longest a request waits for a free slot before it gets 429 with `retry-after`.")
+        "Longest a request waits for a free slot before it gets 429 with `retry-after` (Envoy's "
+        "`max_message_timeout` is rendered 30 s above it, so any value is honoured).")
     queue_max: int = setting(
         "QUEUE_MAX", parse_positive_int, "1000", "QUEUE_MAX=1000",
         "Most requests waiting at once; past it new requests get 429 at once.")
@@ -341,7 +343,8 @@ class Settings:
         "Longest a request may run; Envoy ends it then, and a slot lease older than this is reclaimed.")
     redis_url: str | None = setting(
         "REDIS_URL", parse_text, None, "REDIS_URL=redis://redis:6379/0",
-        "Shared limiter state for several replicas; without it all limits are in-process.")
+        "Shared limiter state for several replicas, and where they agree which one records each "
+        "request; without it all limits and records are in-process (one process per variant).")
     limiter_state_file: str = setting(
         "LIMITER_STATE_FILE", parse_text, DEFAULT_STATE_FILE,
         "LIMITER_STATE_FILE=/var/lib/zai-proxy/limiter.json",
@@ -352,8 +355,9 @@ class Settings:
         "Optional per-worker budgets, lines `worker rpm=60 tpm=200000` (`*` = every worker).")
     admin_token: str | None = setting(
         "ADMIN_TOKEN", parse_text, None, "ADMIN_TOKEN=<a long random string>",
-        "Bearer token for the ext_proc's admin endpoints (`POST /admin/limiter/reset`); unset disables "
-        "them.", secret=True)
+        "Bearer token for the ext_proc's admin endpoints (`POST /admin/limiter/reset`), and for "
+        "`/metrics` and `/health?detail=1` through a listener other machines reach; unset disables "
+        "those.", secret=True)
     prices_file: str | None = setting(
         "PRICES_FILE", parse_text, None, "PRICES_FILE=/etc/zai-proxy/prices.json",
         "JSON price table for the estimated-cost metric (shape: `extproc/telemetry/pricing.py`); "
