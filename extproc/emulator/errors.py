@@ -114,15 +114,15 @@ def quota_exhausted(reset_epoch: float, retry_after: float) -> ZaiError:
     message, in a form they can act on, and public reports show a retry hint that
     matches the reset time.
     """
+    return _window_spent("1308", "Usage limit reached for 5 hour.", reset_epoch, retry_after)
+
+
+def _window_spent(code: str, what: str, reset_epoch: float, retry_after: float) -> ZaiError:
+    """A quota window is spent until `reset_epoch`: said in UTC+8, and as a retry-after."""
     reset = datetime.fromtimestamp(reset_epoch, tz=ZAI_TZ).strftime(RESET_TIME_FORMAT)
     seconds = max(0, math.ceil(retry_after))
-    return ZaiError(
-        429,
-        "1308",
-        f"Usage limit reached for 5 hour. Your limit will reset at {reset}",
-        None,
-        {"retry-after": str(seconds)},
-    )
+    return ZaiError(429, code, f"{what} Your limit will reset at {reset}", None,
+                    {"retry-after": str(seconds)})
 
 
 def overloaded(fmt: ApiFormat) -> ZaiError:
@@ -153,15 +153,7 @@ _REJECT_MESSAGES = {
 
 def weekly_limit_exhausted(reset_epoch: float, retry_after: float) -> ZaiError:
     """1310: the weekly/monthly Coding Plan window is spent (reset time as for 1308)."""
-    reset = datetime.fromtimestamp(reset_epoch, tz=ZAI_TZ).strftime(RESET_TIME_FORMAT)
-    seconds = max(0, math.ceil(retry_after))
-    return ZaiError(
-        429,
-        "1310",
-        f"Weekly/Monthly Limit Exhausted. Your limit will reset at {reset}",
-        None,
-        {"retry-after": str(seconds)},
-    )
+    return _window_spent("1310", "Weekly/Monthly Limit Exhausted.", reset_epoch, retry_after)
 
 
 def model_not_in_plan(model: str) -> ZaiError:
