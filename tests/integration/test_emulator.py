@@ -353,10 +353,11 @@ async def test_bad_bodies_get_400_in_each_format() -> None:
 
 @pytest.mark.asyncio
 async def test_concurrency_cap_gives_1302_until_a_slot_frees() -> None:
-    async with serve(concurrency_cap=2, first_event_delay=0.2) as (server, session):
+    # Delays long enough that both slots are still held on a loaded machine.
+    async with serve(concurrency_cap=2, first_event_delay=1.5) as (server, session):
         body = {**BODY, "stream": True}
         first = await session.post(CODING_URL, json=body, headers=bearer())
-        server.options.update({"first_event_delay": 0.8})  # outlives the first
+        server.options.update({"first_event_delay": 3.0})  # outlives the first
         second = await session.post(ANTHROPIC_URL, json=body, headers=bearer())
         assert first.status == second.status == 200  # headers flushed before the delay
         async with session.post(CODING_URL, json=body, headers=bearer()) as resp:
