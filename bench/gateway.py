@@ -136,6 +136,7 @@ def base_env(run_dir: Path, name: str, emulator: Emulator) -> dict[str, str]:
         "LISTEN_PORT": str(free_port()), "ENVOY_ADMIN_PORT": str(free_port()),
         "EXTPROC_GRPC_PORT": str(free_port()), "EXTPROC_ADMIN_PORT": str(free_port()),
         "CANARY_EXTPROC_GRPC_PORT": str(free_port()), "CANARY_EXTPROC_ADMIN_PORT": str(free_port()),
+        "PRODUCTION_LISTEN_PORT": str(free_port()), "CANARY_LISTEN_PORT": str(free_port()),
         "LOG_LEVEL": "INFO",
         # The bench measures overhead, not the limiter's queue: limits far above the load.
         "RATE_LIMIT_INITIAL": "5000", "RATE_LIMIT_MAX": "5000", "RATE_LIMIT_MIN": "1",

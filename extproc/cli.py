@@ -92,15 +92,20 @@ async def _up(stack: "LocalStack") -> int:  # type: ignore[name-defined]  # noqa
         sys.stderr.write(f"zai-proxy up: start-up failed: {exc}\n")
         await stack.stop()
         return 1
-    port = stack.settings.listen_port
-    target = "the built-in emulator" if stack.uses_emulator else str(stack.settings.anthropic_url)
+    settings = stack.settings
+    port = settings.listen_port
+    target = "the built-in emulator" if stack.uses_emulator else str(settings.anthropic_url)
+    split = f"production {100 - settings.canary_weight}% / canary {settings.canary_weight}%"
     _banner(
-        f"zai-proxy is up on http://localhost:{port} (variant {stack.settings.deployment_variant}, "
-        f"upstream: {target})\n\n"
-        f"Point a worker at it:\n"
-        f"  export ANTHROPIC_BASE_URL=http://localhost:{port}/api/anthropic\n"
+        f"zai-proxy is up (upstream: {target}). Three entrances:\n"
+        f"  split ({split}, by `zai-proxy weights`):\n"
+        f"    export ANTHROPIC_BASE_URL=http://localhost:{port}/api/anthropic\n"
+        f"  production only (live traffic; where every fallback points):\n"
+        f"    export ANTHROPIC_BASE_URL=http://localhost:{settings.production_listen_port}/api/anthropic\n"
+        f"  canary only (the version under test):\n"
+        f"    export ANTHROPIC_BASE_URL=http://localhost:{settings.canary_listen_port}/api/anthropic\n"
         f"  export ANTHROPIC_AUTH_TOKEN=proxy-handles-auth   # or your worker key\n"
-        f"OpenAI-style clients: base_url=http://localhost:{port}/v1\n"
+        f"OpenAI-style clients: base_url=http://localhost:{port}/v1 (or either port above)\n"
         f"Health: curl -s localhost:{port}/health    Metrics: curl -s localhost:{port}/metrics\n"
         f"Ctrl-C stops everything.")
     waiter = asyncio.create_task(stack.group.wait_any_exit())

@@ -243,7 +243,15 @@ class Settings:
         "then `/metrics` and `/health?detail=1` on it need `ADMIN_TOKEN`).")
     listen_port: int = setting(
         "LISTEN_PORT", parse_port, "8080", "LISTEN_PORT=8080",
-        "Port of Envoy's listener (the workers' entrance).")
+        "Port of Envoy's listener for the weighted split between production and canary (the "
+        "workers' usual entrance).")
+    production_listen_port: int = setting(
+        "PRODUCTION_LISTEN_PORT", parse_port, "8090", "PRODUCTION_LISTEN_PORT=8090",
+        "Port of Envoy's production-only entrance (live traffic and every fallback; ignores the "
+        "weights).")
+    canary_listen_port: int = setting(
+        "CANARY_LISTEN_PORT", parse_port, "8091", "CANARY_LISTEN_PORT=8091",
+        "Port of Envoy's canary-only entrance (ignores the weights).")
     envoy_admin_port: int = setting(
         "ENVOY_ADMIN_PORT", parse_port, "9901", "ENVOY_ADMIN_PORT=9901",
         "Port of Envoy's admin interface (loopback only).")

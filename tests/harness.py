@@ -32,6 +32,7 @@ def stack_env(**overrides: str) -> dict[str, str]:
         "LISTEN_PORT": str(free_port()), "ENVOY_ADMIN_PORT": str(free_port()),
         "EXTPROC_GRPC_PORT": str(free_port()), "EXTPROC_ADMIN_PORT": str(free_port()),
         "CANARY_EXTPROC_GRPC_PORT": str(free_port()), "CANARY_EXTPROC_ADMIN_PORT": str(free_port()),
+        "PRODUCTION_LISTEN_PORT": str(free_port()), "CANARY_LISTEN_PORT": str(free_port()),
         "LOG_LEVEL": "INFO", "NO_PROXY": "*",
     }
     env |= overrides

@@ -141,7 +141,10 @@ def render(settings: Settings, replicas: Replicas | None = None) -> dict[str, An
         if http_filter["typed_config"]["@type"] == EXT_PROC_TYPE:
             http_filter["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = \
                 DEFAULT.suffixed("extproc")
-    hcm.pop("route_config")
+    template_routes = hcm.pop("route_config")
+    listener = bootstrap["static_resources"]["listeners"][0]
+    bootstrap["static_resources"]["listeners"].extend(
+        _pinned_listener(listener, template_routes, variant, settings) for variant in Variant)
     directory = str(Path(settings.envoy_routes_dir).resolve())
     hcm["rds"] = {"route_config_name": ROUTE_CONFIG_NAME, "config_source": {
         "resource_api_version": "V3",
@@ -201,6 +204,61 @@ def inline_route(cluster: str, settings: Settings) -> bool:
     return cluster == "zai_openai" or settings.response_processing == "inline"
 
 
+def listen_port(settings: Settings, variant: Variant | None) -> int:
+    """The port of an entrance: the split (None), or one variant only."""
+    if variant is None:
+        return settings.listen_port
+    return settings.production_listen_port if variant is Variant.PRODUCTION else settings.canary_listen_port
+
+
+def _pinned_listener(split: dict[str, Any], template_routes: dict[str, Any], variant: Variant,
+                     settings: Settings) -> dict[str, Any]:
+    """An entrance that serves one variant only, whatever the weights say: the split listener with
+    its own port and its routes inline (they never change at run time)."""
+    listener = copy.deepcopy(split)
+    listener["name"] = variant.suffixed("gateway")
+    listener["address"]["socket_address"]["port_value"] = listen_port(settings, variant)
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["stat_prefix"] = variant.suffixed("gateway")
+    hcm.pop("rds", None)
+    routes = copy.deepcopy(template_routes)
+    entries: list[dict[str, Any]] = []
+    for route in routes["virtual_hosts"][0]["routes"]:
+        if route["name"] == "not_found":
+            entries.append(_openai_not_found(route))
+        entries.append(_variant_entry(route, variant, settings) if "route" in route else copy.deepcopy(route))
+    routes["virtual_hosts"][0]["routes"] = _mark_admin_routes(entries, settings)
+    routes["name"] = variant.suffixed(ROUTE_CONFIG_NAME)
+    hcm["route_config"] = routes
+    return listener
+
+
+def _variant_entry(route: dict[str, Any], variant: Variant, settings: Settings,
+                   prefixed: bool = False) -> dict[str, Any]:
+    """A route sent to one variant's clusters; `prefixed`: under `/<variant>/` (on the split)."""
+    entry = copy.deepcopy(route)
+    cluster = entry["route"].pop("cluster")
+    entry["route"]["cluster"] = variant.suffixed(cluster)
+    if prefixed:
+        match = entry["match"]
+        key = next(iter(match))
+        entry["name"] = variant.suffixed(route["name"])
+        entry["match"] = {key: f"/{variant.value}{match[key]}"}
+        if key == "path" and "prefix_rewrite" not in entry["route"]:
+            entry["route"]["prefix_rewrite"] = match[key]
+    if cluster.startswith("zai_"):
+        entry["typed_per_filter_config"] = _extproc_override(variant, inline_route(cluster, settings))
+    return entry
+
+
+def _mark_admin_routes(routes: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
+    if not _loopback(settings.listen_address):
+        for route in routes:
+            if route.get("route", {}).get("cluster", "").startswith("extproc_admin"):
+                route["request_headers_to_add"] = [copy.deepcopy(PUBLIC_LISTENER_HEADER)]
+    return routes
+
+
 def render_routes(settings: Settings, canary_weight: int | None = None,
                   version: str = "initial") -> dict[str, Any]:
     """The routes file: a DiscoveryResponse holding the RouteConfiguration Envoy watches."""
@@ -212,11 +270,7 @@ def render_routes(settings: Settings, canary_weight: int | None = None,
         if route["name"] == "not_found":
             routes.append(_openai_not_found(route))
         routes.extend(_expand_route(route, weight, settings))
-    if not _loopback(settings.listen_address):
-        for route in routes:
-            if route.get("route", {}).get("cluster", "").startswith("extproc_admin"):
-                route["request_headers_to_add"] = [copy.deepcopy(PUBLIC_LISTENER_HEADER)]
-    template["virtual_hosts"][0]["routes"] = routes
+    template["virtual_hosts"][0]["routes"] = _mark_admin_routes(routes, settings)
     template["name"] = ROUTE_CONFIG_NAME
     return {"version_info": version, "resources": [{"@type": ROUTE_CONFIG_TYPE, **template}]}
 
@@ -247,20 +301,8 @@ def _expand_route(route: dict[str, Any], canary_weight: int, settings: Settings)
     action = route.get("route")
     if action is None:  # a direct response
         return [route]
+    pinned = [_variant_entry(route, variant, settings, prefixed=True) for variant in Variant]
     cluster = action.pop("cluster")
-    match = route["match"]
-    key = next(iter(match))
-    pinned = []
-    for variant in Variant:
-        entry = copy.deepcopy(route)
-        entry["name"] = variant.suffixed(route["name"])
-        entry["match"] = {key: f"/{variant.value}{match[key]}"}
-        entry["route"]["cluster"] = variant.suffixed(cluster)
-        if key == "path" and "prefix_rewrite" not in entry["route"]:
-            entry["route"]["prefix_rewrite"] = match[key]
-        if cluster.startswith("zai_"):
-            entry["typed_per_filter_config"] = _extproc_override(variant, inline_route(cluster, settings))
-        pinned.append(entry)
     split = copy.deepcopy(route)
     if cluster.startswith("zai_"):
         split["route"]["weighted_clusters"] = {"use_hash_policy": True, "clusters": [

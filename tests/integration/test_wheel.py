@@ -27,7 +27,8 @@ from extproc.local.processes import free_port
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = ("extproc/routing/envoy/envoy.yaml", "extproc/routing/envoy/local_replies.yaml")
 PORTS = ("LISTEN_PORT", "ENVOY_ADMIN_PORT", "EXTPROC_GRPC_PORT", "EXTPROC_ADMIN_PORT",
-         "CANARY_EXTPROC_GRPC_PORT", "CANARY_EXTPROC_ADMIN_PORT")
+         "CANARY_EXTPROC_GRPC_PORT", "CANARY_EXTPROC_ADMIN_PORT", "PRODUCTION_LISTEN_PORT",
+         "CANARY_LISTEN_PORT")
 # Not copied to the build: the checkout's own environment and anything generated.
 NOT_SOURCE = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.pyc", "*.egg-info", "build",
                                     "dist", ".run", ".pytest_cache", ".hypothesis", ".ruff_cache")
