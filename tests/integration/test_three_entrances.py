@@ -4,7 +4,9 @@ production only and canary only. A pinned entrance ignores the weights; each ser
 
 from __future__ import annotations
 
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx2 as httpx
 import pytest
@@ -84,3 +86,13 @@ def test_the_guides_checks_on_each_entrance(three, which, variant):
     smoke = httpx.post(f"{base}/api/anthropic/v1/messages", json=ASK, timeout=30, trust_env=False,
                        headers={"x-api-key": "proxy-handles-auth", "anthropic-version": "2023-06-01"})
     assert smoke.status_code == 200 and smoke.json()["type"] == "message"
+
+
+@pytest.mark.parametrize("which,variant", [("split", "production"), ("production", "production"),
+                                           ("canary", "canary")])
+def test_the_guides_checks_pass_as_scripted(three, which, variant):
+    script = Path(__file__).resolve().parents[2] / "scripts" / "check-entrance"
+    done = subprocess.run([str(script), entrance(three, which), variant], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"serves {variant}" in done.stdout
