@@ -8,8 +8,9 @@ Service's DNS), so no new work arrives through them. It:
 1. asks this pod's Envoy (admin port, loopback) to drain its listeners: responses on open
    connections carry `Connection: close` (HTTP/2: GOAWAY), so clients with keep-alive
    connections reconnect through the Service to another pod;
-2. waits until nothing is open any more: Envoy's active downstream requests (streams this pod's
-   Envoy carries, whichever variant's ext_proc processes them) and this ext_proc's
+2. waits until nothing is open any more: Envoy's active downstream requests on all its listeners
+   (the split, production-only and canary-only entrances: streams this pod's Envoy carries,
+   whichever variant's ext_proc processes them) and this ext_proc's
    `zai_proxy_requests_in_progress` (streams it processes, also for other pods' Envoys: the canary
    ext_proc serves the production pods' canary share) — both zero twice in a row — or until
    `--timeout` (keep it below the pod's terminationGracePeriodSeconds);
@@ -30,17 +31,18 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-ENVOY_ACTIVE = "http.gateway.downstream_rq_active"  # stat_prefix of envoy/envoy.yaml's listener
+# The listeners' stat_prefixes: `gateway` (the split, envoy/envoy.yaml), `gateway_production` and
+# `gateway_canary` (the pinned entrances the renderer adds).
+ENVOY_ACTIVE = r"http\.gateway(?:_[a-z]+)?\.downstream_rq_active"
 IN_PROGRESS = "zai_proxy_requests_in_progress"
-_STAT = re.compile(r"^" + re.escape(ENVOY_ACTIVE) + r":\s*(\d+)\s*$", re.M)
-STATS_QUERY = urllib.parse.urlencode({"filter": "^" + re.escape(ENVOY_ACTIVE) + "$"})
+_STAT = re.compile(r"^" + ENVOY_ACTIVE + r":\s*(\d+)\s*$", re.M)
+STATS_QUERY = urllib.parse.urlencode({"filter": "^" + ENVOY_ACTIVE + "$"})
 _SAMPLE = re.compile(r"^" + IN_PROGRESS + r"(?:\{[^}]*\})?\s+(\S+)", re.M)
 
 
 def envoy_active(text: str) -> int:
-    """Active downstream requests from Envoy's /stats text."""
-    match = _STAT.search(text)
-    return int(match.group(1)) if match else 0
+    """Active downstream requests from Envoy's /stats text, all listeners together."""
+    return sum(int(count) for count in _STAT.findall(text))
 
 
 def extproc_in_progress(text: str) -> int:

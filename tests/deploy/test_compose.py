@@ -18,6 +18,7 @@ import yaml
 from extproc.routing import envoy_config
 from extproc.cli import build_parser as cli_parser
 from extproc.config import SETTINGS, Settings
+from extproc.variants import Variant
 from extproc.emulator.cli import build_parser as emulator_parser
 from extproc.emulator.cli import options_from_args
 
@@ -31,7 +32,9 @@ EMULATOR_ENV = ROOT / "deploy" / "compose" / "emulator.env"
 DEFAULTS = {s.env: s.default for s in SETTINGS}
 # The canary settings compose relies on: a rename in config.py must show up here.
 NEW_SETTINGS = {"CANARY_EXTPROC_HOST", "CANARY_EXTPROC_GRPC_PORT", "CANARY_EXTPROC_ADMIN_PORT",
-                "ENVOY_ROUTES_DIR", "CANARY_WEIGHT"}
+                "ENVOY_ROUTES_DIR", "CANARY_WEIGHT", "PRODUCTION_LISTEN_PORT", "CANARY_LISTEN_PORT"}
+# Envoy's three entrances (the deployment guide's): the split, production only, canary only.
+ENTRANCE_SETTINGS = ("LISTEN_PORT", "PRODUCTION_LISTEN_PORT", "CANARY_LISTEN_PORT")
 KNOWN_CONTAINER_ENV = set(DEFAULTS) | {"ZAI_EMULATOR_KEY"}
 # Variables compose.yaml interpolates that are for compose itself, not for a container.
 COMPOSE_ONLY_VARS = {"PUBLISH_ADDRESS", "ZAI_PROXY_UID", "ZAI_PROXY_GID"}
@@ -342,9 +345,20 @@ def test_interpolated_variables_are_settings_or_documented_compose_knobs():
 
 def test_published_ports_match_the_settings_and_stay_on_loopback_by_default():
     svcs = services()
-    listen_port = int(setting(renderer_env(svcs), "LISTEN_PORT"))
-    assert listen_port == int(DEFAULTS["LISTEN_PORT"])
-    assert [(p[1], p[2]) for p in published(svcs["envoy"])] == [(listen_port, listen_port)]
+    env = renderer_env(svcs)
+    # Each entrance is passed to the renderer explicitly, at its default (what the README and
+    # `zai-proxy up` name), and published on the same host port.
+    ports = [int(env[name]) for name in ENTRANCE_SETTINGS]
+    assert ports == [int(DEFAULTS[name]) for name in ENTRANCE_SETTINGS]
+    assert len(set(ports)) == 3
+    assert [(p[1], p[2]) for p in published(svcs["envoy"])] == [(port, port) for port in ports]
+    # The usage comment names each entrance's port, and its localhost URLs are published ports.
+    header = COMPOSE_FILE.read_text().split("\nname:")[0]
+    for port in ports:
+        assert re.search(rf"^#\s+:{port}\s", header, re.M), f"the header does not list entrance :{port}"
+    host_ports = {p[1] for svc in svcs.values() for p in published(svc)}
+    mentioned = {int(m) for m in re.findall(r"localhost:(\d+)", header)}
+    assert mentioned <= host_ports, f"the header names unpublished ports {sorted(mentioned - host_ports)}"
     assert [(p[1], p[2]) for p in published(svcs["prometheus"])] == [(9090, 9090)]
     admin = int(DEFAULTS["ENVOY_ADMIN_PORT"])
     for name, svc in svcs.items():
@@ -434,10 +448,13 @@ def test_rendered_envoy_config_matches_compose(env_file):
     bootstrap = envoy_config.render(settings)
     clusters = clusters_by_name(bootstrap)
 
-    # The listener is what Envoy publishes; the admin interface stays on loopback.
-    listener = bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]
-    assert listener["address"] == "0.0.0.0"
-    assert [p[2] for p in published(svcs["envoy"])] == [int(listener["port_value"])]
+    # The listeners (the split, production only, canary only) are what Envoy publishes; the
+    # admin interface stays on loopback.
+    listeners = [l["address"]["socket_address"] for l in bootstrap["static_resources"]["listeners"]]
+    assert [l["address"] for l in listeners] == ["0.0.0.0"] * 3
+    assert sorted(p[2] for p in published(svcs["envoy"])) == sorted(int(l["port_value"]) for l in listeners)
+    assert [int(l["port_value"]) for l in listeners] == [
+        envoy_config.listen_port(settings, v) for v in (None, *Variant)]
     admin = bootstrap["admin"]["address"]["socket_address"]
     assert admin["address"] == "127.0.0.1"
 

@@ -45,7 +45,7 @@ from prometheus_client import CollectorRegistry
 from extproc.variants import Variant
 from extproc.routing import weights
 from extproc.config import SETTINGS, Settings
-from extproc.routing.envoy_config import render, render_routes
+from extproc.routing.envoy_config import listen_port, render, render_routes
 from extproc.proxy.keys import parse_key_file, parse_worker_keys
 from extproc.local.processes import free_port
 from extproc.telemetry.metrics import LimiterMetrics, Metrics
@@ -70,6 +70,13 @@ K8S_VERSIONS = ["1.31", latest_version()]
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
 VARIANTS = tuple(v.value for v in Variant)
 VARIANT_LABEL = "zai-proxy/variant"
+# The deployment guide's three entrances: Service -> the variant it serves (None: the weighted
+# split), each on port 8080 of a listener of the production pods' Envoys.
+ENTRANCES = {"zai-proxy": "production", "zai-proxy-test": "canary", "zai-proxy-canary": None}
+ENTRANCE_PORT = 8080
+# The guide's pod labels (`kubectl -l app=zai-proxy,variant=...`): the canary is `test` there.
+GUIDE_LABELS = {"production": {"app": "zai-proxy", "variant": "production"},
+                "canary": {"app": "zai-proxy", "variant": "test"}}
 SETTING_NAMES = {s.env for s in SETTINGS}
 SECRET_SETTINGS = {s.env for s in SETTINGS if s.secret}
 
@@ -285,18 +292,19 @@ def test_builds_produce_the_expected_objects(builds):
     assert names == {
         ("ConfigMap", "zai-proxy-config"), ("ConfigMap", "zai-proxy-routes"),
         ("ConfigMap", "zai-proxy-drain"),
-        ("Service", "zai-proxy"), ("Service", "zai-proxy-canary-extproc"),
+        ("Service", "zai-proxy"), ("Service", "zai-proxy-test"), ("Service", "zai-proxy-canary"),
+        ("Service", "zai-proxy-canary-extproc"),
         ("Deployment", "zai-proxy-redis"), ("Service", "zai-proxy-redis"),
-        ("Deployment", "zai-proxy-production"), ("Service", "zai-proxy-production"),
+        ("Deployment", "zai-proxy-production"), ("Service", "zai-proxy-pods-production"),
         ("PodDisruptionBudget", "zai-proxy-production"),
-        ("Deployment", "zai-proxy-canary"), ("Service", "zai-proxy-canary"),
+        ("Deployment", "zai-proxy-canary"), ("Service", "zai-proxy-pods-canary"),
         ("PodDisruptionBudget", "zai-proxy-canary"),
         ("ServiceMonitor", "zai-proxy"), ("PrometheusRule", "zai-proxy"),
     }
     for variant in VARIANTS:
         overlay = by_kind_name(builds[f"overlays/{variant}"])
         assert set(overlay) == {("Deployment", f"zai-proxy-{variant}"),
-                                ("Service", f"zai-proxy-{variant}"),
+                                ("Service", f"zai-proxy-pods-{variant}"),
                                 ("PodDisruptionBudget", f"zai-proxy-{variant}")}
         for resource in overlay.values():
             assert resource["metadata"]["labels"][VARIANT_LABEL] == variant
@@ -372,15 +380,17 @@ def test_service_monitor_scrapes_each_ext_proc_once(everything):
     assert set(spec["selector"]) == {"matchLabels"}
     services = sorted(name for (kind, name), r in everything.items() if kind == "Service"
                       and selects(spec["selector"]["matchLabels"], r["metadata"].get("labels", {})))
-    # The pinned Services cover every gateway pod once; the split one would scrape production twice.
-    assert services == ["zai-proxy-canary", "zai-proxy-production"]
+    # The pod Services cover every gateway pod once; the entrances reach production's pods only.
+    assert services == ["zai-proxy-pods-canary", "zai-proxy-pods-production"]
+    assert not set(services) & set(ENTRANCES)
     for endpoint in spec["endpoints"]:
         assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}
         assert endpoint["path"] == "/metrics"
         for name in services:
             service = everything[("Service", name)]
             port = next(p for p in service["spec"]["ports"] if p["name"] == endpoint["port"])
-            pods = deployment(everything, name.removeprefix("zai-proxy-"))
+            pods = deployment(everything, name.removeprefix("zai-proxy-pods-"))
+            assert selected_deployments(everything, service["spec"]["selector"]) == [pods["metadata"]["name"]]
             extproc = container(pods["spec"]["template"]["spec"], "extproc")
             assert port["targetPort"] in {p["name"] for p in extproc["ports"]}
             assert port["targetPort"] == "admin"  # the ext_proc's /metrics
@@ -458,9 +468,12 @@ def test_example_secrets_have_the_shape_the_ext_proc_reads(secrets):
 
 def test_service_selectors_reach_the_right_pods_and_ports(everything):
     expected = {
-        "zai-proxy": ["zai-proxy-production"],  # the split: production's Envoys route the canary share
-        "zai-proxy-production": ["zai-proxy-production"],
-        "zai-proxy-canary": ["zai-proxy-canary"],
+        # The entrances: production's Envoys, which route the canary's requests to its ext_procs.
+        "zai-proxy": ["zai-proxy-production"],
+        "zai-proxy-test": ["zai-proxy-production"],
+        "zai-proxy-canary": ["zai-proxy-production"],
+        "zai-proxy-pods-production": ["zai-proxy-production"],
+        "zai-proxy-pods-canary": ["zai-proxy-canary"],
         "zai-proxy-canary-extproc": ["zai-proxy-canary"],
         "zai-proxy-redis": ["zai-proxy-redis"],
     }
@@ -484,6 +497,105 @@ def test_service_selectors_reach_the_right_pods_and_ports(everything):
         deploy = deployment(everything, variant)
         assert deploy["spec"]["selector"]["matchLabels"].items() <= \
             deploy["spec"]["template"]["metadata"]["labels"].items()
+
+
+def container_port(spec: dict[str, Any], target: int | str) -> tuple[str, int]:
+    """(container, containerPort) a Service's targetPort (a name or a number) resolves to in a pod."""
+    found = [(c["name"], p["containerPort"]) for c in spec["containers"] for p in c.get("ports", [])
+             if target in (p.get("name"), p["containerPort"])]
+    assert len(found) == 1, f"targetPort {target} resolves to {found}"
+    return found[0]
+
+
+def route_clusters(routes: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """Route name -> the clusters it may send to."""
+    out = {}
+    for route in routes:
+        action = route.get("route", {})
+        weighted = action.get("weighted_clusters", {}).get("clusters", [])
+        out[route["name"]] = {c["name"] for c in weighted} or ({action["cluster"]} if "cluster" in action else set())
+    return out
+
+
+def extproc_variant(everything, cluster: dict[str, Any], pod_spec_: dict[str, Any]) -> str:
+    """DEPLOYMENT_VARIANT of the ext_proc an ext_proc cluster of a pod's Envoy reaches (its own pod's
+    on loopback, or the pods a Service selects)."""
+    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    host = address["socket_address"]["address"]
+    if host == "127.0.0.1":
+        spec = pod_spec_
+    else:
+        selected = selected_deployments(everything, everything[("Service", host)]["spec"]["selector"])
+        assert len(selected) == 1, f"{host} selects {selected}"
+        spec = everything[("Deployment", selected[0])]["spec"]["template"]["spec"]
+    return settings_for(everything, container(spec, "extproc")).deployment_variant
+
+
+def test_the_guides_three_entrances_are_services_on_the_production_pods_listeners(everything, tmp_path):
+    """zai-proxy (production only), zai-proxy-test (canary only), zai-proxy-canary (the split):
+    Services on port 8080 whose targetPorts are the production pods' Envoy listeners for that
+    entrance (config.env's ports, the rendered bootstrap's listeners), serving that variant."""
+    spec = deployment(everything, "production")["spec"]["template"]["spec"]
+    config = everything[("ConfigMap", "zai-proxy-config")]["data"]
+    settings = settings_for(everything, container(spec, "render-envoy"))
+    bootstrap = render(settings)
+    listeners = {l["address"]["socket_address"]["port_value"]: l
+                 for l in bootstrap["static_resources"]["listeners"]}
+    assert len(listeners) == 3
+    clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
+    split_routes = yaml.safe_load(everything[("ConfigMap", "zai-proxy-routes")]["data"]["routes.yaml"])
+    setting_of = {None: "LISTEN_PORT", "production": "PRODUCTION_LISTEN_PORT",
+                  "canary": "CANARY_LISTEN_PORT"}
+    targets = set()
+    for name, variant in ENTRANCES.items():
+        service = everything[("Service", name)]
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+        assert service["metadata"]["labels"]["app.kubernetes.io/component"] == "entrance"
+        [port] = service["spec"]["ports"]
+        assert port["port"] == ENTRANCE_PORT and port.get("protocol", "TCP") == "TCP"
+        assert selected_deployments(everything, service["spec"]["selector"]) == ["zai-proxy-production"]
+        owner, number = container_port(spec, port["targetPort"])
+        assert owner == "envoy", f"{name} targets {owner}, not the Envoy container"
+        assert number == int(config[setting_of[variant]]), f"{name}: {number} is not {setting_of[variant]}"
+        assert number == listen_port(settings, Variant(variant) if variant else None)
+        targets.add(number)
+        listener = listeners[number]
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        if variant is None:  # the split: the watched routes file, i.e. ConfigMap zai-proxy-routes
+            assert listener["name"] == "gateway" and "rds" in hcm and "route_config" not in hcm
+            routes = route_clusters(split_routes["resources"][0]["virtual_hosts"][0]["routes"])
+            assert routes["health"] == routes["metrics"] == {"extproc_admin_production"}
+            assert any(len(c) == 2 for c in routes.values()), "no weighted route on the split"
+            served = {"production": "production", "canary": "canary"}
+        else:  # pinned: routes inline, every one to this variant's clusters, weights ignored
+            assert "rds" not in hcm
+            routes = route_clusters(hcm["route_config"]["virtual_hosts"][0]["routes"])
+            assert routes["health"] == routes["metrics"] == {f"extproc_admin_{variant}"}
+            for route, names in routes.items():
+                assert all(n.endswith(f"_{variant}") for n in names), (name, route, names)
+            served = {variant: variant}
+        # /health and /metrics there come from an ext_proc whose metrics say that variant.
+        for cluster_variant, expected in served.items():
+            for kind in ("extproc", "extproc_admin"):
+                cluster = clusters[f"{kind}_{cluster_variant}"]
+                assert extproc_variant(everything, cluster, spec) == expected, (name, cluster["name"])
+    assert targets == {int(config[s]) for s in setting_of.values()}
+
+
+def test_pods_carry_the_guides_labels(everything):
+    for variant, labels in GUIDE_LABELS.items():
+        deploy = deployment(everything, variant)
+        pod_labels = spec_labels(everything, variant)
+        assert labels.items() <= pod_labels.items(), f"{variant} pods lack {labels}"
+        assert selected_deployments(everything, labels) == [f"zai-proxy-{variant}"]
+        # Added beside the selectors' labels, never in a selector (a Deployment's cannot change).
+        assert not set(labels) & set(deploy["spec"]["selector"]["matchLabels"])
+        assert pod_labels["app.kubernetes.io/name"] == "zai-proxy" and pod_labels[VARIANT_LABEL] == variant
+        # variant=test pods still label their metrics deployment_variant="canary".
+        extproc = container(deploy["spec"]["template"]["spec"], "extproc")
+        assert settings_for(everything, extproc).deployment_variant == variant
+    assert selected_deployments(everything, {"app": "zai-proxy"}) == \
+        sorted(f"zai-proxy-{v}" for v in VARIANTS)
 
 
 def test_probes_use_ports_of_their_own_container(everything):
@@ -542,6 +654,8 @@ def test_pod_wiring(everything):
         served = settings_for(everything, extproc)
         for s in (rendered, served):
             assert s.listen_port == ports["http"]
+            assert s.production_listen_port == ports["production"]
+            assert s.canary_listen_port == ports["canary"]
             assert s.extproc_grpc_port == ports["grpc"]
             assert s.extproc_admin_port == ports["admin"]
             assert s.listen_address == "0.0.0.0"
@@ -703,7 +817,14 @@ def test_envoy_accepts_the_bootstrap_and_routes_a_pod_gets(everything, variant, 
     assert listener == {"address": "0.0.0.0", "port_value": 8080}
     assert bootstrap["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
     hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    assert hcm["stat_prefix"] == "gateway"  # what drain.py counts
+    assert hcm["stat_prefix"] == "gateway"
+    # drain.py waits for the open requests of every listener (entrance) of the pod's Envoy.
+    drain = load_drain()
+    envoy_ports = {p["containerPort"] for p in container(spec, "envoy")["ports"]}
+    for each in bootstrap["static_resources"]["listeners"]:
+        prefix = each["filter_chains"][0]["filters"][0]["typed_config"]["stat_prefix"]
+        assert drain.envoy_active(f"http.{prefix}.downstream_rq_active: 2\n") == 2, prefix
+        assert each["address"]["socket_address"]["port_value"] in envoy_ports
     path = tmp_path / "envoy.yaml"
     path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
     result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)],
@@ -822,6 +943,80 @@ def test_runbook_links_resolve():
         assert (ROOT / path).exists(), f"docs/RUNBOOK.md names {path}, which does not exist"
 
 
+def test_runbook_commands_name_services_labels_and_deployments_that_exist(builds, everything, secrets):
+    """Every Service URL, `svc/`, `deploy/`, `-l` selector, entrance and object name the runbook
+    gives is one the manifests build, with the ports and labels it says."""
+    text = RUNBOOK.read_text()
+    services = {name: r for (kind, name), r in everything.items() if kind == "Service"}
+    service_ports = {name: {p["port"] for p in r["spec"]["ports"]} for name, r in services.items()}
+    deployments = {name for kind, name in everything if kind == "Deployment"}
+    production = deployment(everything, "production")["spec"]["template"]["spec"]
+    config = everything[("ConfigMap", "zai-proxy-config")]["data"]
+
+    urls = re.findall(r"http://([a-z0-9-]+)\.<ns>\.svc:(\d+)", text)
+    assert {name for name, _ in urls} >= set(ENTRANCES)
+    for name, port in urls:
+        assert name in services, f"the runbook's URL names Service {name}, which is not built"
+        assert int(port) in service_ports[name], f"Service {name} has no port {port}"
+    for name in re.findall(r"\bsvc/([a-z0-9-]+)", text):
+        assert name in services, f"the runbook names svc/{name}, which is not built"
+    forwards = re.findall(r"port-forward svc/([a-z0-9-]+) (\d+):(\d+)", text)
+    assert {name for name, _, _ in forwards} == set(ENTRANCES)
+    for name, _, remote in forwards:
+        assert int(remote) in service_ports[name]
+    for name in re.findall(r"\bdeploy/(zai-proxy[a-z0-9-]*)", text):
+        assert name in deployments, f"the runbook names deploy/{name}, which is not built"
+
+    # Label selectors select pods; label columns are labels pods have.
+    pod_labels = [r["spec"]["template"]["metadata"]["labels"] for (kind, _), r in everything.items()
+                  if kind == "Deployment"]
+    selectors = re.findall(r"\s-l ([^\s`'\"]+)", text)
+    assert "app=zai-proxy,variant=production" in selectors and "app=zai-proxy,variant=test" in selectors
+    for selector in selectors:
+        pairs = dict(pair.split("=", 1) for pair in selector.split(","))
+        assert any(selects(pairs, labels) for labels in pod_labels), f"-l {selector} selects no pods"
+    for column in re.findall(r"\s-L ([a-z0-9./-]+)", text):
+        assert all(column in labels for labels in pod_labels
+                   if labels.get("app") == "zai-proxy"), f"-L {column}: gateway pods lack it"
+
+    # The emergency selector patch moves the Service to pods that have its targetPort.
+    for name, patch in re.findall(r"patch svc ([a-z0-9-]+) -p '([^']+)'", text):
+        service = copy.deepcopy(services[name])
+        service["spec"]["selector"].update(yaml.safe_load(patch)["spec"]["selector"])
+        [target] = selected_deployments(everything, service["spec"]["selector"])
+        spec = everything[("Deployment", target)]["spec"]["template"]["spec"]
+        for port in service["spec"]["ports"]:
+            assert container_port(spec, port["targetPort"])[0] == "envoy"
+
+    # The entrances' table: Service, port, the Envoy container port it targets and its setting.
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \| (\d+) \| `([a-z]+)` \((\d+), `([A-Z_]+)`\) \|", text, re.M)
+    assert {row[0] for row in rows} == set(ENTRANCES)
+    for name, port, target, number, setting in rows:
+        [service_port] = services[name]["spec"]["ports"]
+        assert (service_port["port"], service_port["targetPort"]) == (int(port), target)
+        assert container_port(production, target) == ("envoy", int(number)) and config[setting] == number
+
+    # Workers' base URLs name the entrance of the variant the comment says (in Kubernetes, and on
+    # the local ports).
+    says = {"production only": "production", "canary only": "canary", "the split": None}
+    defaults = {s.env: int(s.default) for s in SETTINGS if s.env.endswith("LISTEN_PORT")}
+    local = {defaults["PRODUCTION_LISTEN_PORT"]: "production", defaults["CANARY_LISTEN_PORT"]: "canary",
+             defaults["LISTEN_PORT"]: None}
+    base_urls = re.findall(r"ANTHROPIC_BASE_URL=http://([a-z0-9.<>-]+):(\d+)/api/anthropic\s+# ([a-z ]+)", text)
+    assert len(base_urls) >= 6
+    for host, port, comment in base_urls:
+        variant = says[comment.strip().split(" (")[0].strip()]
+        if host.endswith(".<ns>.svc"):
+            assert ENTRANCES[host.removesuffix(".<ns>.svc")] == variant, (host, comment)
+        else:
+            assert host == "localhost" and local[int(port)] == variant, (host, port, comment)
+
+    # Every object the runbook names in backticks is built (or is a Secret it documents).
+    built = {r["metadata"]["name"] for resources in builds.values() for r in resources}
+    for name in set(re.findall(r"`(zai-proxy-[a-z0-9-]+)`", text)):
+        assert name in built | set(secrets), f"the runbook names `{name}`, which is not built"
+
+
 def test_alerts_point_to_runbook_sections():
     anchors = runbook_anchors()
     for rule in rules():
@@ -848,6 +1043,12 @@ def test_drain_reads_the_counts_it_waits_for():
     drain = load_drain()
     assert drain.envoy_active("http.gateway.downstream_rq_active: 3\n") == 3
     assert drain.envoy_active("") == 0
+    # All three entrances' listeners, nothing else (the admin listener).
+    assert drain.envoy_active("http.gateway.downstream_rq_active: 3\n"
+                              "http.gateway_production.downstream_rq_active: 4\n"
+                              "http.gateway_canary.downstream_rq_active: 5\n"
+                              "http.admin.downstream_rq_active: 1\n"
+                              "http.gateway.downstream_rq_active_x: 7\n") == 12
     metrics = Metrics("canary", [], registry=CollectorRegistry())
     assert drain.extproc_in_progress(metrics.exposition().decode()) == 0
     metrics.in_progress.inc(2)
@@ -880,7 +1081,8 @@ class HeldUpstream:
         self.server.close()
 
 
-def envoy_bootstrap(admin_port: int, listen_port: int, upstream_port: int) -> dict[str, Any]:
+def envoy_bootstrap(admin_port: int, listen_port: int, upstream_port: int,
+                    stat_prefix: str = "gateway") -> dict[str, Any]:
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {
@@ -891,7 +1093,7 @@ def envoy_bootstrap(admin_port: int, listen_port: int, upstream_port: int) -> di
                     "typed_config": {
                         "@type": "type.googleapis.com/envoy.extensions.filters.network."
                                  "http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "gateway",
+                        "stat_prefix": stat_prefix,
                         "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
                             {"match": {"prefix": "/"}, "route": {"cluster": "held", "timeout": "0s"}}]}]},
                         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
@@ -915,7 +1117,10 @@ def test_drain_waits_for_open_requests_on_a_real_envoy(tmp_path):
     upstream = HeldUpstream()
     admin_port, listen_port = free_port(), free_port()
     config = tmp_path / "envoy.yaml"
-    config.write_text(yaml.safe_dump(envoy_bootstrap(admin_port, listen_port, upstream.port)))
+    # A pinned entrance's listener (the production-only one carries the live traffic): the stats
+    # filter drain.py sends a real Envoy finds it.
+    config.write_text(yaml.safe_dump(envoy_bootstrap(admin_port, listen_port, upstream.port,
+                                                     stat_prefix="gateway_production")))
     # The pod's Envoy flags that matter here (deploy/base/deployment.yaml).
     envoy = subprocess.Popen([envoy_binary(), "-c", str(config), "--disable-hot-restart",
                               "--drain-strategy", "immediate", "--drain-time-s", "60",
