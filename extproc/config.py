@@ -55,6 +55,10 @@ class UpstreamUrl:
     def __str__(self) -> str:
         return f"{self.scheme}://{self.authority}{self.path}"
 
+    @property
+    def origin(self) -> str:
+        return f"{self.scheme}://{self.authority}"
+
 
 def parse_url(raw: str) -> UpstreamUrl:
     parts = urlsplit(raw.strip())
@@ -163,6 +167,20 @@ def parse_percent(raw: str) -> int:
     return value
 
 
+def parse_poll_seconds(raw: str) -> float:
+    value = parse_int(raw)
+    if value != 0 and value < 10:
+        raise ValueError("must be 0 (off) or at least 10 seconds")
+    return float(value)
+
+
+def parse_reserve(raw: str) -> float:
+    value = parse_percent(raw)
+    if value >= 100:
+        raise ValueError("must be below 100 (the share of each window kept for priority workers)")
+    return float(value)
+
+
 def parse_list(raw: str) -> tuple[str, ...]:
     items = tuple(item.strip().lower() for item in raw.split(",") if item.strip())
     if not items:
@@ -236,7 +254,8 @@ class Settings:
         "Value of the `deployment_variant` label on every metric.")
     worker_keys_file: str | None = setting(
         "WORKER_KEYS_FILE", parse_text, None, "WORKER_KEYS_FILE=/etc/zai-proxy/worker-keys",
-        "Optional `name key` lines; when set, requests must carry one of these keys.")
+        "Optional `name key` lines (`name key priority` for workers that may use the quota "
+        "reserve); when set, requests must carry one of these keys.")
     listen_address: str = setting(
         "LISTEN_ADDRESS", parse_host, "127.0.0.1", "LISTEN_ADDRESS=0.0.0.0",
         "Address Envoy's listener binds (use `0.0.0.0` to serve other machines, with worker keys; "
@@ -370,6 +389,19 @@ class Settings:
         "PRICES_FILE", parse_text, None, "PRICES_FILE=/etc/zai-proxy/prices.json",
         "JSON price table for the estimated-cost metric (shape: `extproc/telemetry/pricing.py`); "
         "built-in GLM list prices otherwise.")
+    quota_poll_seconds: float = setting(
+        "QUOTA_POLL_SECONDS", parse_poll_seconds, "60", "QUOTA_POLL_SECONDS=60",
+        "How often Z.AI's quota report (`/api/monitor/usage/quota/limit` at the origin of "
+        "`ZAI_TARGET_URL`) is polled, by one replica per account; `0` turns polling off.")
+    quota_reserve_percent: float = setting(
+        "QUOTA_RESERVE_PERCENT", parse_reserve, "0", "QUOTA_RESERVE_PERCENT=20",
+        "Once a quota window is more than 100 minus this percent used, only `priority` workers "
+        "(`WORKER_KEYS_FILE`) are admitted; others get 429 saying what is left and when it resets. "
+        "`0` = no reserve.")
+    worker_label_limit: int = setting(
+        "WORKER_LABEL_LIMIT", parse_positive_int, "100", "WORKER_LABEL_LIMIT=100",
+        "Most unnamed workers (key fingerprints) that get their own `worker` label in the "
+        "per-worker metrics; later ones count as `other`. Named workers always keep theirs.")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -24,7 +24,10 @@ from extproc.limiter.stores.redis import RedisStore
 from extproc.limiter.signals import Signal
 from extproc.limiter.stores.base import LimiterStore
 from extproc.limiter.stores.local import LocalStore
-from extproc.telemetry.metrics import LimiterMetrics, Metrics
+from extproc.limiter.pacing import Pacer
+from extproc.limiter.quota_poller import QUOTA_PATH, QuotaPoller, http_fetch
+from extproc.telemetry.metrics import LimiterMetrics, Metrics, QuotaCollector
+from extproc.telemetry.worker_labels import WorkerLabels
 from extproc.telemetry.pricing import PriceTable
 from extproc.telemetry.usage_record import Reporter
 from extproc.accounting.estimator import TiktokenEstimator
@@ -35,6 +38,8 @@ from extproc.accounting.tokens import TokenCounter
 log = logging.getLogger(__name__)
 
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+# A quota poll is off the request path, but a hung one must not hold back the next.
+QUOTA_POLL_TIMEOUT = 5.0
 # Headroom above the body limit for the rest of the ProcessingRequest.
 GRPC_MESSAGE_OVERHEAD = 1 << 20
 
@@ -71,6 +76,20 @@ def build_limiter(settings: Settings, account: str, metrics: LimiterMetrics) -> 
         budgets=budgets), store, metrics.hooks())
 
 
+def build_quota_poller(settings: Settings, account: str, key: UpstreamKey,
+                       limiter: AccountLimiter) -> QuotaPoller | None:
+    """The poller of Z.AI's quota report, at the origin of ZAI_TARGET_URL (None: polling off)."""
+    if not settings.quota_poll_seconds:
+        return None
+    assert limiter.pacer is not None
+    url = settings.anthropic_url.origin + QUOTA_PATH
+    ca_file = settings.upstream_ca_file if os.path.exists(settings.upstream_ca_file) else None
+    fetch = http_fetch(url, key.current, timeout=QUOTA_POLL_TIMEOUT, ca_file=ca_file)
+    return QuotaPoller(account, fetch, limiter.store, limiter.pacer,
+                       lambda until, code, message: limiter.close_gate(until, code, message),
+                       settings.quota_poll_seconds)
+
+
 def _per_variant(path: str, variant: str) -> str:
     """Variants run as separate processes: each keeps its own state file (the default variant's
     is the file named)."""
@@ -89,12 +108,22 @@ class Service:
         self.upstream_key = UpstreamKey(settings.api_key, settings.api_key_file)
         self.metrics = Metrics(settings.deployment_variant, settings.model_labels)
         prices = load_prices(settings.prices_file)
-        self.reporter = Reporter(self.metrics, prices, settings.deployment_variant)
         self.limiter_metrics = LimiterMetrics(settings.deployment_variant, self.metrics.registry)
-        self.limiter = build_limiter(settings, fingerprint(self.upstream_key.current()),
-                                     self.limiter_metrics)
+        account = fingerprint(self.upstream_key.current())
+        self.limiter = build_limiter(settings, account, self.limiter_metrics)
         self.limiter_metrics.watch(self.limiter.state, lambda: self.limiter.store.name == "redis")
-        self.gateway = Gateway(self.upstream_key, WorkerKeys(settings.worker_keys_file),
+        self.pacer = self.limiter.pacer = Pacer(settings.quota_reserve_percent)
+        self.quota = build_quota_poller(settings, account, self.upstream_key, self.limiter)
+        if self.quota is not None:
+            self.metrics.registry.register(QuotaCollector(settings.deployment_variant,
+                                                          self.quota.state))
+        worker_keys = WorkerKeys(settings.worker_keys_file)
+        self.reporter = Reporter(
+            self.metrics, prices, settings.deployment_variant,
+            worker_labels=WorkerLabels(self.limiter.store, account, settings.worker_label_limit,
+                                       worker_keys.is_named),
+            pacer=self.pacer)
+        self.gateway = Gateway(self.upstream_key, worker_keys,
                                self.reporter, TiktokenEstimator(TokenCounter()),
                                count_tokens=settings.token_counting, limiter=self.limiter,
                                max_request_body_bytes=settings.max_request_body_bytes,
@@ -139,6 +168,8 @@ async def serve(service: Service, stop: asyncio.Event | None = None) -> None:
         ("grpc.max_send_message_length", limit),
     ])
     await service.limiter.start()
+    if service.quota is not None:
+        service.quota.start()
     pb_grpc.add_ExternalProcessorServicer_to_server(
         ExternalProcessor(service.gateway, service.on_stream), server)
     health_servicer = health.aio.HealthServicer()
@@ -149,7 +180,8 @@ async def serve(service: Service, stop: asyncio.Event | None = None) -> None:
 
     runner = web.AppRunner(build_admin_app(service.readiness, service.metrics.exposition,
                                            service.limiter, settings.admin_token,
-                                           lambda: len(service.gateway.open)))
+                                           lambda: len(service.gateway.open),
+                                           quota=service.quota.state if service.quota else None))
     await runner.setup()
     site = web.TCPSite(runner, settings.extproc_bind_address, settings.extproc_admin_port)
     await site.start()
@@ -176,6 +208,9 @@ async def serve(service: Service, stop: asyncio.Event | None = None) -> None:
     for name in ("", EXTPROC_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(grace=5)
+    if service.quota is not None:
+        await service.quota.stop()
+        await service.quota.fetch.close()  # type: ignore[attr-defined]
     await service.limiter.stop()
     await service.limiter.store.close()
     await runner.cleanup()

@@ -33,6 +33,8 @@ feeds rate limits and budgets):
 
 from __future__ import annotations
 
+import re
+
 import asyncio
 import concurrent.futures
 import math
@@ -60,6 +62,7 @@ class RequestInfo:
     segments: tuple[str, ...]  # texts to count, one per content block
     fixed_tokens: int  # added by rule: images, documents, per-message overhead
     malformed: str | None  # None when the body is a JSON object we understood
+    agent_session: str | None = None  # the agent's conversation, from `metadata.user_id`
 
 
 @dataclass(slots=True)
@@ -97,6 +100,7 @@ def parse_request(body: bytes, api: Api) -> RequestInfo:
         segments=tuple(tally.segments),
         fixed_tokens=tally.fixed,
         malformed=None,
+        agent_session=agent_session_of(doc),
     )
 
 
@@ -111,6 +115,31 @@ async def parse_request_async(body: bytes, api: Api,
     if len(body) < inline_limit_bytes:
         return parse_request(body, api)
     return await asyncio.get_running_loop().run_in_executor(executor, parse_request, body, api)
+
+
+# Claude Code's `metadata.user_id`: `user_<hash>_account_<uuid>_session_<uuid>`.
+_SESSION_IN_USER_ID = re.compile(r"session_([0-9A-Za-z-]{8,64})")
+MAX_SESSION_CHARS = 64
+
+
+def agent_session_of(doc: dict[str, object]) -> str | None:
+    """The agent's session inside `metadata.user_id`, if the client put one there."""
+    metadata = doc.get("metadata")
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if not isinstance(user_id, str):
+        return None
+    match = _SESSION_IN_USER_ID.search(user_id)
+    return match.group(1) if match else None
+
+
+def clean_session(value: str | None) -> str | None:
+    """A session id a client sent in a header, if it looks like one (bounded, printable)."""
+    if not value:
+        return None
+    value = value.strip()
+    if not value or len(value) > MAX_SESSION_CHARS or not value.isprintable():
+        return None
+    return value
 
 
 def _malformed(reason: str) -> RequestInfo:

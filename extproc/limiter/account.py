@@ -20,8 +20,11 @@ from typing import Any, Callable
 from extproc.limiter.adaptive import AdaptiveLimit, AdaptiveParams, Adjustment
 from extproc.limiter.admission import Admission, AdmissionHooks, Permit, Rejected
 from extproc.limiter.budget import EVERY_WORKER, BudgetConfig, parse_budgets
-from extproc.limiter.quota import QuotaGate
-from extproc.limiter.signals import Signal, quota_reset_at, reset_from_retry_after
+from extproc.limiter.pacing import Pacer
+from extproc.limiter.quota import QuotaGate, format_reset
+from extproc.limiter.codes import Code, Reset, lookup
+from extproc.limiter.signals import (Signal, next_midnight, quota_reset_at,
+                                     reset_from_retry_after)
 from extproc.limiter.stores.base import LimiterStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,8 @@ class AccountLimiter:
                                    max_wait=settings.max_wait, max_queue=settings.max_queue,
                                    lease_ttl=settings.lease_ttl, clock=clock, wall=wall,
                                    hooks=self.hooks)
+        # The quota windows' pace (fed by the quota poller), for the priority reserve.
+        self.pacer: Pacer | None = None
         self._dirty = False
         self._shared_seen = 0.0  # `saved_at` of the newest state taken from, or put in, Redis
         self._task: asyncio.Task[None] | None = None
@@ -98,10 +103,13 @@ class AccountLimiter:
         permit = await self.try_admit(worker, estimated_tokens)
         return permit if permit is not None else await self.admit_waiting(worker)
 
-    async def try_admit(self, worker: str, estimated_tokens: int = 0) -> Permit | None:
+    async def try_admit(self, worker: str, estimated_tokens: int = 0,
+                        priority: bool = False) -> Permit | None:
         """A permit at once, None if the request must wait (`admit_waiting`), or Rejected."""
         await self._sync_gate()
         self.admission.check_gate()
+        if not priority:
+            self._check_reserve(worker)
         budget = self.budget_for(worker)
         if budget is not None:
             wait = await self.store.budget_take(
@@ -113,6 +121,25 @@ class AccountLimiter:
                                f"zai-proxy: worker {worker!r} is over its budget "
                                f"({_describe(budget)}); retry after the time in retry-after.")
         return await self.admission.try_admit(worker)
+
+    def _check_reserve(self, worker: str) -> None:
+        """Past 100 - QUOTA_RESERVE_PERCENT of a window, only priority workers start requests."""
+        breach = self.pacer.reserve_breach(self.wall()) if self.pacer is not None else None
+        if breach is None:
+            return
+        left = max(0.0, 1.0 - breach.used)
+        if breach.reset_at is not None:
+            wait = max(1.0, breach.reset_at - self.wall())
+            when = f"it resets at {format_reset(breach.reset_at)}"
+        else:
+            wait, when = 60.0, "Z.AI gave no reset time"
+        self.hooks.rejected("reserve")
+        raise Rejected("reserve", wait,
+                       f"zai-proxy: the account's {breach.window} quota window is "
+                       f"{breach.used:.0%} used ({left:.0%} left) and the last "
+                       f"{self.pacer.reserve:.0%} is reserved for priority workers; worker "
+                       f"{worker!r} is not one. {when[0].upper()}{when[1:]}; retry after "
+                       f"retry-after, or ask the operator to mark this worker as priority.")
 
     async def admit_waiting(self, worker: str) -> Permit:
         """Wait in the fair queue for a permit (the budget was taken by `try_admit`)."""
@@ -130,19 +157,43 @@ class AccountLimiter:
     def on_attempt(self, signal: Signal, code: str | None, message: str | None,
                    retry_after: str | None) -> None:
         """One upstream attempt's outcome (Envoy retries included)."""
+        known = lookup(code)
+        if known is not None and known.log_level >= logging.WARNING:
+            # What the operator must know (a spent window, the key refused, fair-use throttling);
+            # Z.AI's message never contains the key.
+            log.log(known.log_level, "Z.AI refused the account: %s", known.meaning,
+                    extra={"code": code, "zai_message": (message or "")[:300], "hint": known.hint})
         if signal is Signal.QUOTA:
             now = self.wall()
-            until = quota_reset_at(message or "", now)
-            if until is not None:
-                until += 1.0  # Z.AI states the reset to the second: it may happen within it
-            else:
-                until = reset_from_retry_after(retry_after, now)
-            until = self.gate.close(until, code or "quota", message or "", now_wall=now)
-            info = {"code": code or "quota", "message": message or ""}
-            asyncio.ensure_future(self._share_gate(until, info))
-            log.warning("quota gate closed", extra={"code": code, "until": until})
+            self.close_gate(self._reset_of(known, message, retry_after, now), code or "quota",
+                            message or "")
+        elif signal in (Signal.KEY_REJECTED, Signal.MODEL_UNAVAILABLE):
+            pass  # no limit of the account is at fault
         else:
             self.admission.learn(signal)
+
+    def _reset_of(self, known: Code | None, message: str | None, retry_after: str | None,
+                  now: float) -> float | None:
+        """When the gate a quota answer closes opens again (None: the default closure)."""
+        reset = known.reset if known is not None else Reset.MESSAGE
+        if reset is Reset.MIDNIGHT:
+            return next_midnight(now)
+        if reset is Reset.RETRY:
+            return None
+        until = quota_reset_at(message or "", now)
+        if until is not None:
+            return until + 1.0  # Z.AI states the reset to the second: it may happen within it
+        return reset_from_retry_after(retry_after, now)
+
+    def close_gate(self, until: float | None, code: str, message: str) -> float:
+        """Close the quota gate for every replica of the account until `until` (None: the
+        default closure); returns the reopening time."""
+        until = self.gate.close(until, code, message, now_wall=self.wall())
+        info = {"code": code, "message": message}
+        asyncio.ensure_future(self._share_gate(until, info))
+        log.warning("quota gate closed", extra={"code": code, "until": until})
+        self.admission._kick()
+        return until
 
     async def _share_gate(self, until: float, info: dict[str, Any]) -> None:
         try:

@@ -31,7 +31,7 @@ class Rejected(Exception):
 
     def __init__(self, reason: str, retry_after: float, message: str) -> None:
         super().__init__(message)
-        self.reason = reason  # queue_full | wait_timeout | quota | budget
+        self.reason = reason  # queue_full | wait_timeout | quota | budget | reserve
         self.retry_after = retry_after
         self.message = message
 

@@ -9,54 +9,24 @@ Reset times in quota messages are naive UTC+8 (Beijing) wall-clock times.
 
 from __future__ import annotations
 
-import enum
 import math
 import re
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 
+from extproc.limiter.codes import RETRYABLE, Signal, lookup
+
+__all__ = ["Signal", "ZAI_TZ", "business_code", "classify", "quota_reset_at", "retryable",
+           "reset_from_retry_after", "next_midnight"]
+
 ZAI_TZ = timezone(timedelta(hours=8))
 
-
-class Signal(enum.Enum):
-    SUCCESS = "success"
-    CONCURRENCY = "concurrency"  # 1302: too many requests in flight
-    FREQUENCY = "frequency"  # 1303: too many requests started per unit of time
-    OVERLOADED = "overloaded"  # 1305, 529, 503, overloaded_error: Z.AI is busy, not our account
-    QUOTA = "quota"  # usage quota, plan or account state: no retry helps until a reset
-    SERVER_ERROR = "server_error"  # other 5xx and Z.AI's "try again later" codes
-    CLIENT_ERROR = "client_error"  # other 4xx: the request's fault; does not move any limit
-    UNKNOWN = "unknown"
-
-
-_CODES: dict[str, Signal] = {
-    "1302": Signal.CONCURRENCY,
-    "1303": Signal.FREQUENCY,
-    "1305": Signal.OVERLOADED,
-    "1304": Signal.QUOTA,  # daily call limit
-    "1308": Signal.QUOTA,  # usage limit of a window ("... will reset at <time>")
-    "1309": Signal.QUOTA,  # plan expired
-    "1310": Signal.QUOTA,  # weekly/monthly limit (public reports; same "reset at" message)
-    "1113": Signal.QUOTA,  # account in arrears
-    # The account itself cannot serve anyone: retrying only spends calls, like a quota.
-    "1110": Signal.QUOTA,  # account inactive
-    "1112": Signal.QUOTA,  # account locked
-    "1121": Signal.QUOTA,  # locked for irregular activity
-    # Z.AI's own "try again later" codes.
-    "500": Signal.SERVER_ERROR,
-    "1120": Signal.SERVER_ERROR,
-    "1230": Signal.SERVER_ERROR,
-    "1234": Signal.SERVER_ERROR,
-}
 
 _ERROR_TYPES: dict[str, Signal] = {
     "overloaded_error": Signal.OVERLOADED,
     "rate_limit_error": Signal.CONCURRENCY,
     "api_error": Signal.SERVER_ERROR,
 }
-
-_RETRYABLE = frozenset({Signal.CONCURRENCY, Signal.FREQUENCY, Signal.OVERLOADED,
-                        Signal.SERVER_ERROR})
 
 
 def business_code(code: str | None, error_type: str | None) -> str | None:
@@ -74,13 +44,15 @@ def classify(status: int, code: str | None, error_type: str | None) -> Signal:
     200 stream. A 429 without a recognisable code counts as CONCURRENCY, the usual cause on a
     shared account (and the one a smaller limit can fix).
     """
-    known = _CODES.get(business_code(code, error_type) or "")
+    known = lookup(business_code(code, error_type))
     if known is not None:
-        return known
+        return known.signal
     if error_type == "overloaded_error" or status in (503, 529):
         return Signal.OVERLOADED
     if status == 429:
         return Signal.CONCURRENCY
+    if status in (401, 403) and code is None and error_type == "authentication_error":
+        return Signal.KEY_REJECTED
     if 200 <= status < 300:
         if error_type is None and code is None:
             return Signal.SUCCESS
@@ -95,7 +67,7 @@ def classify(status: int, code: str | None, error_type: str | None) -> Signal:
 
 def retryable(signal: Signal) -> bool:
     """Whether another attempt (after a wait) can succeed where this one failed."""
-    return signal in _RETRYABLE
+    return signal in RETRYABLE
 
 
 _RESET = re.compile(
@@ -163,3 +135,10 @@ def reset_from_retry_after(value: str | None, now_wall: float) -> float | None:
     if not math.isfinite(seconds) or seconds < 0:
         return None
     return now_wall + seconds
+
+
+def next_midnight(now_wall: float) -> float:
+    """The next 00:00 in Z.AI's time zone: when a daily limit (1304) resets."""
+    today = datetime.fromtimestamp(now_wall, tz=ZAI_TZ).replace(hour=0, minute=0, second=0,
+                                                                 microsecond=0)
+    return (today + timedelta(days=1)).timestamp()

@@ -103,6 +103,8 @@ class WorkerTable:
     """Worker keys by sha256 digest, so lookups compare digests rather than secrets."""
 
     names_by_digest: dict[bytes, str]
+    named: frozenset[str] = frozenset()  # names given in the file (not key fingerprints)
+    priority: frozenset[str] = frozenset()  # may use the quota reserve (QUOTA_RESERVE_PERCENT)
 
     def name_for(self, key: str) -> str | None:
         return self.names_by_digest.get(hashlib.sha256(key.encode()).digest())
@@ -112,8 +114,11 @@ class WorkerTable:
 
 
 def parse_worker_keys(text: str) -> WorkerTable:
-    """Lines of `name key` (a bare `key` is named by its fingerprint); `#` starts a comment."""
+    """Lines of `name key [priority]` (a bare `key` is named by its fingerprint); `#` starts a
+    comment. `priority` lets the worker use the quota reserve."""
     table: dict[bytes, str] = {}
+    named: set[str] = set()
+    priority: set[str] = set()
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -121,17 +126,20 @@ def parse_worker_keys(text: str) -> WorkerTable:
         parts = line.split()
         if len(parts) == 1:
             name, key = f"key-{fingerprint(parts[0])}", parts[0]
-        elif len(parts) == 2:
-            name, key = parts
+        elif len(parts) == 2 or (len(parts) == 3 and parts[2] == "priority"):
+            name, key = parts[0], parts[1]
+            named.add(name)
+            if len(parts) == 3:
+                priority.add(name)
         else:
-            raise ValueError(f"line {number}: expected `name key`")
+            raise ValueError(f"line {number}: expected `name key` or `name key priority`")
         digest = hashlib.sha256(key.encode()).digest()
         if digest in table:
             raise ValueError(f"line {number}: the key of {name!r} is already used by {table[digest]!r}")
         table[digest] = name
     if not table:
         raise ValueError("the worker keys file lists no keys")
-    return WorkerTable(table)
+    return WorkerTable(table, frozenset(named), frozenset(priority))
 
 
 class WorkerKeys:
@@ -143,6 +151,21 @@ class WorkerKeys:
     @property
     def enforced(self) -> bool:
         return self._file is not None
+
+    def _table(self) -> WorkerTable | None:
+        try:
+            return self._file.value() if self._file is not None else None
+        except KeyUnavailable:
+            return None
+
+    def is_priority(self, worker: str) -> bool:
+        table = self._table()
+        return table is not None and worker in table.priority
+
+    def is_named(self, worker: str) -> bool:
+        """A name the operator chose (a metric label as it is), not a key's fingerprint."""
+        table = self._table()
+        return table is not None and worker in table.named
 
     def identify(self, token: str | None) -> str | None:
         """The worker's identity, or None when keys are enforced and the token is not known."""

@@ -20,7 +20,7 @@ class Observation:
         self.gateway = gateway
         self.ticket = ticket
         self.record = RequestRecord(gateway, ticket.endpoint, ticket.worker, ticket.request_id,
-                                    ticket.started)
+                                    ticket.started, agent_session=ticket.agent_session)
         self.owned = False
 
     async def attach(self) -> bool:

@@ -46,7 +46,8 @@ class Outcome:
     error_type: str | None = None
     error_code: str | None = None
     malformed_request: str | None = None
+    agent_session: str | None = None  # the client's conversation id, when it sends one
 
 
 class Recorder(Protocol):
-    def record(self, outcome: Outcome) -> dict[str, object]: ...
+    async def record(self, outcome: Outcome) -> dict[str, object]: ...

@@ -48,6 +48,7 @@ class RequestRecord:
     response_ended: bool = False  # the response's last byte went by
     body_seen: bool = False  # a response body chunk went by
     went_upstream: bool = True  # False: answered by the gateway itself (no tokens)
+    agent_session: str | None = None  # from the client's session header (X-Claude-Code-Session-Id)
     recorded: bool = False
     _input_count: asyncio.Future[int] | None = None
     _request_parts: list[bytes] = field(default_factory=list)
@@ -128,13 +129,15 @@ class RequestRecord:
         limiter = self.gateway.limiter
         if billable and limiter is not None and tokens is not None:
             await limiter.settle_budget(self.worker, 0, tokens.input + tokens.output)
-        return self.gateway.recorder.record(Outcome(
+        return await self.gateway.recorder.record(Outcome(
             endpoint=self.endpoint, worker=self.worker, request_id=self.request_id, status=status,
             duration=max(0.0, self.gateway.clock() - self.started), completed=completed,
             requested_model=requested, model=facts.model or requested, tokens=tokens,
             time_to_first_token=None if first is None else max(0.0, first - self.started),
             error_type=facts.error_type, error_code=facts.error_code,
-            malformed_request=self.info.malformed if self.info is not None else None))
+            malformed_request=self.info.malformed if self.info is not None else None,
+            agent_session=self.agent_session or (
+                self.info.agent_session if self.info is not None else None)))
 
     def _report_stream_error(self, facts: ResponseFacts) -> None:
         """An error event inside a 200 stream tells the limiter what a 429 would have (the

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from extproc.accounting.request_body import clean_session
 from extproc.api import Api, Endpoint, Entrance, entrance_for_path, error_body
 from extproc.limiter.account import AccountLimiter
 from extproc.limiter.admission import Permit, Rejected
@@ -43,6 +44,9 @@ NOT_FOUND = ("zai-proxy: no such endpoint. Use POST /api/anthropic/v1/messages (
 # and how soon after them the stream must end for that to be the case.
 UPSTREAM_RESET_STATUS = 502
 UPSTREAM_RESET_WINDOW = 0.05
+
+# Claude Code names its conversation in this header; the usage record carries it.
+AGENT_SESSION_HEADER = "x-claude-code-session-id"
 
 # Headers the gateway uses internally to carry identity or variant: never accepted from clients.
 INTERNAL_HEADER_PREFIX = "x-zai-proxy-"
@@ -106,7 +110,8 @@ class RequestSession:
         entrance = self.entrance = entrance_for_path(headers.get(":path", "/"))
         record = self.record = RequestRecord(
             self.gateway, entrance.endpoint or Endpoint.UNKNOWN, "unknown",
-            headers.get("x-request-id", ""), self.gateway.clock(), went_upstream=False)
+            headers.get("x-request-id", ""), self.gateway.clock(), went_upstream=False,
+            agent_session=clean_session(headers.get(AGENT_SESSION_HEADER)))
         self.gateway.open.add(self)
         if entrance.endpoint is None:
             return self._reply(404, "not_found", NOT_FOUND)
@@ -135,7 +140,8 @@ class RequestSession:
             if limiter is not None:
                 rejection: ImmediateReply | None = None
                 try:
-                    self.permit = await limiter.try_admit(self.worker)
+                    self.permit = await limiter.try_admit(
+                        self.worker, priority=self.gateway.worker_keys.is_priority(self.worker))
                     if self.permit is None:
                         yield Hold(limiter.settings.max_wait)
                         self.permit = await limiter.admit_waiting(self.worker)
@@ -147,7 +153,8 @@ class RequestSession:
             # Admitted: from here on the request may reach an observer stream, which takes this.
             assert self.record is not None
             self.ticket = Ticket(self.session_id, self.worker, self.endpoint,
-                                 self.record.request_id, self.record.started)
+                                 self.record.request_id, self.record.started,
+                                 self.record.agent_session)
             if self.permit is not None:
                 self.gateway.admitted[self.session_id] = self.upstream_answered
         yield answer

@@ -30,10 +30,15 @@ class Ticket:
     endpoint: Endpoint
     request_id: str
     started: float  # wall-clock epoch seconds, comparable across replicas
+    agent_session: str | None = None  # the client's session header; the observer cannot see it
 
     def to_metadata(self) -> dict[str, object]:
-        return {"session": self.session, "worker": self.worker, "endpoint": self.endpoint.value,
-                "request_id": self.request_id, "started": self.started}
+        fields: dict[str, object] = {
+            "session": self.session, "worker": self.worker, "endpoint": self.endpoint.value,
+            "request_id": self.request_id, "started": self.started}
+        if self.agent_session is not None:
+            fields["agent_session"] = self.agent_session
+        return fields
 
     @classmethod
     def from_metadata(cls, fields: Mapping[str, Any]) -> "Ticket | None":
@@ -42,6 +47,7 @@ class Ticket:
         try:
             return cls(str(fields["session"]), str(fields["worker"]),
                        Endpoint(fields["endpoint"]), str(fields["request_id"]),
-                       float(fields["started"]))
+                       float(fields["started"]),
+                       str(fields["agent_session"]) if "agent_session" in fields else None)
         except (KeyError, ValueError, TypeError, AttributeError):
             return None

@@ -40,7 +40,8 @@ def _json(doc: object, status: int = 200) -> web.Response:
 def build_admin_app(readiness: ReadinessCheck, exposition: Callable[[], bytes],
                     limiter: "AccountLimiter | None" = None,
                     admin_token: str | None = None,
-                    open_requests: Callable[[], int] = lambda: 0) -> web.Application:
+                    open_requests: Callable[[], int] = lambda: 0,
+                    quota: Callable[[], dict[str, object]] | None = None) -> web.Application:
     def refused(request: web.Request) -> web.Response | None:
         """None when the caller may see operator data; else the answer that says why not."""
         if request.headers.get(PUBLIC_LISTENER_HEADER) != "public":
@@ -63,6 +64,8 @@ def build_admin_app(readiness: ReadinessCheck, exposition: Callable[[], bytes],
             doc["requests_open"] = open_requests()
             if limiter is not None:
                 doc["limiter"] = limiter.state()
+            if quota is not None:
+                doc["quota"] = quota()
         return _json(doc, 200 if reason is None else 503)
 
     async def reset_limiter(request: web.Request) -> web.Response:

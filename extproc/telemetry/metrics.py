@@ -9,11 +9,12 @@ costs dict lookups, not label resolution.
 from __future__ import annotations
 
 import platform
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from extproc import __version__
+from extproc.limiter.codes import CODES
 from extproc.limiter.signals import classify
 from extproc.proxy.outcome import Outcome
 
@@ -23,9 +24,7 @@ TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30
 
 OTHER = "other"
 # Z.AI business codes (see ARCHITECTURE.md) and Anthropic/OpenAI error types worth a label.
-KNOWN_ERROR_CODES = frozenset({"1000", "1001", "1002", "1003", "1110", "1112", "1113", "1121",
-                               "1210", "1213", "1214", "1302", "1303", "1304", "1305", "1308",
-                               "1309", "1310"})
+KNOWN_ERROR_CODES = frozenset(CODES)
 
 
 def code_label(code: str | None) -> str:
@@ -59,6 +58,17 @@ class Metrics:
             "zai_proxy_upstream_errors", "Errors from Z.AI — every failed attempt (Envoy retries "
             "included) and errors inside a 200 stream — by class and Z.AI business code.",
             ("deployment_variant", "error_class", "code"), registry=r)
+        # Per worker: `worker` is bounded by WorkerLabels (named workers, then WORKER_LABEL_LIMIT
+        # fingerprints, then "other").
+        self.worker_tokens = Counter(
+            "zai_proxy_worker_tokens", "Tokens by worker and direction (reported or estimated).",
+            ("deployment_variant", "worker", "direction"), registry=r)
+        self.worker_requests = Counter(
+            "zai_proxy_worker_requests", "Requests by worker and final HTTP status.",
+            ("deployment_variant", "worker", "status"), registry=r)
+        self.worker_cost = Counter(
+            "zai_proxy_worker_estimated_cost_usd", "Estimated cost by worker, from the price table.",
+            ("deployment_variant", "worker"), registry=r)
         self.in_progress = Gauge("zai_proxy_requests_in_progress", "Requests being processed now.",
                                  ("deployment_variant",), registry=r).labels(variant)
         build = Gauge("zai_proxy_build_info", "Build information (value is always 1).",
@@ -79,9 +89,12 @@ class Metrics:
             child = self._cache[key] = metric.labels(self.variant, *values)
         return child
 
-    def record(self, outcome: Outcome, cost: float | None) -> None:
+    def record(self, outcome: Outcome, cost: float | None, worker: str | None = None) -> None:
+        """One request's metrics; `worker` is its bounded worker label (None: none)."""
         endpoint, status = outcome.endpoint.value, str(outcome.status)
         self._child(self.requests, endpoint, status).inc()
+        if worker is not None:
+            self._record_worker(outcome, cost, worker, status)
         self._child(self.duration, endpoint, status).observe(outcome.duration)
         model = self.model_label(outcome.model)
         if outcome.tokens is not None:
@@ -100,6 +113,16 @@ class Metrics:
             # An error event inside a successful stream; failed attempts are counted per attempt.
             signal = classify(outcome.status, outcome.error_code, outcome.error_type)
             self.upstream_error(signal.value, outcome.error_code)
+
+    def _record_worker(self, outcome: Outcome, cost: float | None, worker: str,
+                       status: str) -> None:
+        self._child(self.worker_requests, worker, status).inc()
+        if outcome.tokens is not None:
+            for direction, count in outcome.tokens.by_direction().items():
+                if count:
+                    self._child(self.worker_tokens, worker, direction).inc(count)
+        if cost:
+            self._child(self.worker_cost, worker).inc(cost)
 
     def upstream_error(self, error_class: str, code: str | None) -> None:
         self._child(self.upstream_errors, error_class, code_label(code)).inc()
@@ -192,3 +215,56 @@ class _LimiterCollector:
                                    labels=["deployment_variant"])
         family.add_metric([self.variant], 1.0 if self.shared() else 0.0)
         yield family
+
+
+class QuotaCollector:
+    """`zai_proxy_quota_*` series, read from the quota poller's state at scrape time: the account's
+    windows as Z.AI last reported them, the pace, the plan tier and the last successful poll."""
+
+    def __init__(self, variant: str, state: "Callable[[], dict[str, Any]]") -> None:
+        self.variant = variant
+        self.state = state
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+        state = self.state()
+        labels = ["deployment_variant", "window"]
+        used = GaugeMetricFamily("zai_proxy_quota_used_ratio",
+                                 "Share of the quota window used, as Z.AI last reported it (0-1).",
+                                 labels=labels)
+        estimate = GaugeMetricFamily(
+            "zai_proxy_quota_used_ratio_estimate",
+            "Share of the window used now: the last report plus this replica's tokens since.",
+            labels=labels)
+        reset = GaugeMetricFamily("zai_proxy_quota_reset_timestamp_seconds",
+                                  "Unix time the quota window resets (Z.AI's nextResetTime).",
+                                  labels=labels)
+        runs_out = GaugeMetricFamily(
+            "zai_proxy_quota_exhaustion_timestamp_seconds",
+            "Unix time the window runs out at the current burn rate; absent when it will not "
+            "before its reset.", labels=labels)
+        for name, window in state.get("windows", {}).items():
+            used.add_metric([self.variant, name], float(window["used_ratio"]))
+            if window.get("used_now_estimate") is not None:
+                estimate.add_metric([self.variant, name], float(window["used_now_estimate"]))
+            if window.get("reset_at") is not None:
+                reset.add_metric([self.variant, name], float(window["reset_at"]))
+            if window.get("runs_out_at") is not None:
+                runs_out.add_metric([self.variant, name], float(window["runs_out_at"]))
+        yield from (used, estimate, reset, runs_out)
+        plan = InfoMetricFamily("zai_proxy_quota_plan", "The account's plan tier (data.level).",
+                                labels=["deployment_variant"])
+        if state.get("level"):
+            plan.add_metric([self.variant], {"level": str(state["level"])})
+        yield plan
+        last = GaugeMetricFamily("zai_proxy_quota_last_success_timestamp_seconds",
+                                 "Unix time of the last successful quota report (0: none yet).",
+                                 labels=["deployment_variant"])
+        last.add_metric([self.variant], float(state.get("last_success") or 0.0))
+        yield last
+        errors = CounterMetricFamily("zai_proxy_quota_poll_errors",
+                                     "Quota polls that failed (the last good report is kept).",
+                                     labels=["deployment_variant"])
+        errors.add_metric([self.variant], float(state.get("errors", 0)))
+        yield errors

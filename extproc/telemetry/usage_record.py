@@ -8,7 +8,9 @@ import logging
 import time
 from typing import Callable
 
+from extproc.limiter.pacing import Pacer
 from extproc.telemetry.metrics import Metrics
+from extproc.telemetry.worker_labels import WorkerLabels
 from extproc.telemetry.pricing import PriceTable
 from extproc.proxy.outcome import Outcome
 
@@ -17,17 +19,25 @@ log = logging.getLogger(__name__)
 
 class Reporter:
     def __init__(self, metrics: Metrics, prices: PriceTable, variant: str,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 worker_labels: WorkerLabels | None = None,
+                 pacer: Pacer | None = None) -> None:
         self.metrics = metrics
         self.prices = prices
         self.variant = variant
         self.wall_clock = wall_clock
+        self.worker_labels = worker_labels
+        self.pacer = pacer  # counts the tokens spent between quota reports
 
-    def record(self, outcome: Outcome) -> dict[str, object]:
+    async def record(self, outcome: Outcome) -> dict[str, object]:
         tokens = outcome.tokens
         cost = (self.prices.cost(outcome.model, tokens.by_direction(), self.wall_clock())
                 if tokens is not None else None)
-        self.metrics.record(outcome, cost)
+        worker = (await self.worker_labels.label(outcome.worker)
+                  if self.worker_labels is not None else None)
+        self.metrics.record(outcome, cost, worker)
+        if self.pacer is not None and tokens is not None:
+            self.pacer.count(tokens.input + tokens.output + tokens.cache_read + tokens.cache_write)
         fields = usage_fields(outcome, self.variant, cost)
         log.info("Token usage", extra=fields)
         return fields
@@ -42,6 +52,8 @@ def usage_fields(outcome: Outcome, variant: str, cost: float | None) -> dict[str
         "endpoint": outcome.endpoint.value,
         "model": outcome.model,
         "requested_model": outcome.requested_model,
+        # The agent's conversation (Claude Code's session), to group usage by it in a log store.
+        "agent_session": outcome.agent_session,
         "status": outcome.status,
         "completed": outcome.completed,
         "input_tokens": tokens.input if tokens else 0,

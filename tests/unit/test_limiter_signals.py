@@ -36,7 +36,7 @@ NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc).timestamp()
     (200, None, "api_error", Signal.SERVER_ERROR),
     (200, None, "error", Signal.SERVER_ERROR),
     (400, "1210", "invalid_request_error", Signal.CLIENT_ERROR),
-    (401, "1000", "authentication_error", Signal.CLIENT_ERROR),
+    (401, "1000", "authentication_error", Signal.KEY_REJECTED),
     (413, None, None, Signal.CLIENT_ERROR),
     (200, None, None, Signal.SUCCESS),
     (204, None, None, Signal.SUCCESS),

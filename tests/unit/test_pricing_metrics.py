@@ -45,12 +45,12 @@ def outcome(model: str, tokens: Tokens | None, status: int = 200, **kw) -> Outco
                    duration=1.5, completed=True, model=model, tokens=tokens, **kw)
 
 
-def test_metrics_bound_models_and_split_estimated_tokens():
+async def test_metrics_bound_models_and_split_estimated_tokens():
     metrics = Metrics("canary", ["glm-4.7"])
     reporter = Reporter(metrics, PriceTable(), "canary", wall_clock=lambda: OFF_PEAK)
-    fields = reporter.record(outcome("GLM-4.7", Tokens(10, 20, 3, 4, output_estimated=True),
+    fields = await reporter.record(outcome("GLM-4.7", Tokens(10, 20, 3, 4, output_estimated=True),
                                      time_to_first_token=0.4))
-    reporter.record(outcome("client-invented-model-123", Tokens(5, 6)))
+    await reporter.record(outcome("client-invented-model-123", Tokens(5, 6)))
     text = metrics.exposition().decode()
     assert sample("zai_proxy_tokens_total", text, model="glm-4.7", direction="input", source="reported") == 10
     assert sample("zai_proxy_tokens_total", text, model="glm-4.7", direction="output", source="estimated") == 20
@@ -62,14 +62,14 @@ def test_metrics_bound_models_and_split_estimated_tokens():
     assert fields["output_estimated"] is True and fields["estimated"] is True
 
 
-def test_upstream_error_labels_are_bounded():
+async def test_upstream_error_labels_are_bounded():
     metrics = Metrics("production", [])
     reporter = Reporter(metrics, PriceTable(), "production")
     # A failed attempt is counted by the attempt observer, not again for the relayed answer.
-    reporter.record(outcome("x", None, status=429, error_type="1302", error_code="1302"))
+    await reporter.record(outcome("x", None, status=429, error_type="1302", error_code="1302"))
     metrics.upstream_error("concurrency", "1302")
     # An error event after a 200, with a code nobody knows.
-    reporter.record(outcome("x", Tokens(), status=200, error_type="weird<script>", error_code="99999"))
+    await reporter.record(outcome("x", Tokens(), status=200, error_type="weird<script>", error_code="99999"))
     text = metrics.exposition().decode()
     assert sample("zai_proxy_upstream_errors_total", text, error_class="concurrency", code="1302") == 1
     assert sample("zai_proxy_upstream_errors_total", text, error_class="server_error", code="other") == 1

@@ -26,7 +26,7 @@ class Recorder:
     def __init__(self):
         self.outcomes = []
 
-    def record(self, outcome):
+    async def record(self, outcome):
         self.outcomes.append(outcome)
         return {"status": outcome.status}
 

@@ -89,6 +89,11 @@ class LimiterStore(Protocol):
         """Whether somebody holds `key`."""
         ...
 
+    async def join_capped(self, key: str, member: str, limit: int) -> bool:
+        """Add `member` to the set `key` unless it already holds `limit` others; True when
+        `member` is in the set afterwards (bounded label values shared by every replica)."""
+        ...
+
     async def ping(self) -> bool:
         ...
 

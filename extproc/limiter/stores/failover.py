@@ -219,6 +219,9 @@ class FailoverStore:
     async def claimed(self, key: str, now: float) -> bool:
         return await self._run(lambda s: s.claimed(key, now))
 
+    async def join_capped(self, key: str, member: str, limit: int) -> bool:
+        return await self._run(lambda s: s.join_capped(key, member, limit))
+
     async def ping(self) -> bool:
         """Check Redis now and switch accordingly; True while state is shared."""
         up = await self._primary.ping() and await self._release_orphans()

@@ -44,6 +44,7 @@ class LocalStore:
         self._states: dict[str, tuple[float, str]] = {}  # account -> (expiry, JSON)
         self._gates: dict[str, tuple[float, dict[str, Any]]] = {}
         self._claims: OrderedDict[str, float] = OrderedDict()  # key -> expiry, oldest first
+        self._sets: dict[str, set[str]] = {}  # join_capped: bounded by each call's limit
 
     async def acquire_slot(self, account: str, lease_id: str, limit: int, now: float,
                            ttl: float) -> bool:
@@ -88,6 +89,15 @@ class LocalStore:
 
     async def claimed(self, key: str, now: float) -> bool:
         return self._claims.get(key, 0.0) > now
+
+    async def join_capped(self, key: str, member: str, limit: int) -> bool:
+        members = self._sets.setdefault(key, set())
+        if member in members:
+            return True
+        if len(members) >= limit:
+            return False
+        members.add(member)
+        return True
 
     async def take_start(self, account: str, rate_per_second: float, burst: float,
                          now: float) -> float:

@@ -146,6 +146,15 @@ def redacted_location(url: str) -> str:
     return f"{parts.hostname}:{parts.port or 6379}"
 
 
+# KEYS[1] a set; ARGV: member, limit. 1 when the member is (now) in the set.
+_JOIN_CAPPED = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+"""
+
+
 class RedisStore:
     """`LimiterStore` on Redis; keys are `{prefix}{kind}:{account or worker}`."""
 
@@ -166,6 +175,7 @@ class RedisStore:
         self._budget_take = self._redis.register_script(_BUDGET_TAKE)
         self._budget_adjust = self._redis.register_script(_BUDGET_ADJUST)
         self._close_gate = self._redis.register_script(_CLOSE_GATE)
+        self._join_capped = self._redis.register_script(_JOIN_CAPPED)
 
     def _key(self, kind: str, owner: str) -> str:
         return f"{self._prefix}{kind}:{owner}"
@@ -245,6 +255,10 @@ class RedisStore:
 
     async def claimed(self, key: str, now: float) -> bool:
         return bool(await self._run(self._redis.exists(self._key("claim", key))))
+
+    async def join_capped(self, key: str, member: str, limit: int) -> bool:
+        return bool(await self._run(self._join_capped(keys=[self._key("set", key)],
+                                                      args=[member, limit])))
 
     async def ping(self) -> bool:
         try:
