@@ -15,7 +15,8 @@ from typing import Callable, Mapping
 
 import orjson
 
-from extproc.limiter.signals import Signal, classify, retryable
+from extproc.limiter.signals import Signal, business_code, classify, retryable
+from extproc.proxy.upstream_errors import annotate
 from extproc.accounting.usage import error_fields
 
 RETRY_HEADER = "x-zai-proxy-retry"
@@ -54,17 +55,25 @@ class AttemptSession:
         """(buffer the body?, headers to set now)."""
         self.status = int(headers.get(":status", "0") or 0)
         self.retry_after = headers.get("retry-after")
-        needs_body = self.status == 429 or self.status >= 500
+        # Every refusal's body is read: its code decides the retry, and the client's copy gets
+        # the gateway's hint.
+        needs_body = self.status >= 400
         if not needs_body or end_of_stream:
             return False, self._verdict(None)
         return True, ()
 
-    def on_response_body(self, body: bytes) -> tuple[tuple[str, str], ...]:
+    def on_response_body(self, body: bytes) -> tuple[tuple[tuple[str, str], ...], bytes | None]:
+        """(headers to set, the body the client gets instead, or None: as it is)."""
         try:
             doc = orjson.loads(body) if body else None
         except orjson.JSONDecodeError:
             doc = None
-        return self._verdict(doc)
+        changes = self._verdict(doc)
+        error_type, code = error_fields(doc)
+        annotated = annotate(body, self.status, business_code(code, error_type))
+        if annotated is None:
+            return changes, None
+        return changes + (("content-length", str(len(annotated))),), annotated
 
     def _verdict(self, doc: object) -> tuple[tuple[str, str], ...]:
         if self.reported:

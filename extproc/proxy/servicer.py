@@ -156,9 +156,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     response.mode_override.CopyFrom(_BUFFER_RESPONSE_BODY)
                 yield response
             elif phase == "response_body":
-                changes = attempt.on_response_body(request.response_body.body)
-                yield pb.ProcessingResponse(response_body=pb.BodyResponse(
-                    response=pb.CommonResponse(header_mutation=mutation(HeaderChanges(set=changes)))))
+                changes, body = attempt.on_response_body(request.response_body.body)
+                common = pb.CommonResponse(header_mutation=mutation(HeaderChanges(set=changes)))
+                if body is not None:  # Z.AI's refusal with the gateway's hint
+                    common.body_mutation.body = body
+                yield pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
             elif phase == "request_headers":
                 yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
             elif phase == "request_body":
