@@ -169,8 +169,8 @@ def parse_percent(raw: str) -> int:
 
 def parse_poll_seconds(raw: str) -> float:
     value = parse_int(raw)
-    if value != 0 and value < 10:
-        raise ValueError("must be 0 (off) or at least 10 seconds")
+    if value < 0:
+        raise ValueError("must be 0 (off) or a number of seconds (60 suits Z.AI)")
     return float(value)
 
 

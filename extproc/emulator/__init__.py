@@ -12,6 +12,7 @@ Routes (Z.AI's real paths)
   Authenticated, but not subject to concurrency, rate or quota limits.
 - ``POST /api/coding/paas/v4/chat/completions`` (coding plan) and
   ``POST /api/paas/v4/chat/completions`` (general): OpenAI chat completions.
+- ``GET /api/monitor/usage/quota/limit``: the Coding Plan quota (see "Quota windows").
 
 Authentication: the Anthropic route reads ``x-api-key`` when present, otherwise
 ``Authorization: Bearer <key>``; the OpenAI routes read only ``Authorization: Bearer``.
@@ -31,6 +32,8 @@ Options (``EmulatorOptions``; CLI ``--flag-name``; live via ``POST /_emulator/co
   variable named by ``--api-key-env`` (default ``ZAI_EMULATOR_KEY``). Never shown.
 - ``model_default`` (str, "glm-4.7"): model named in responses when the request's
   model does not start with "glm" (Z.AI answers claude-* names with its default).
+  A requested GLM model is named as sent (Anthropic ``message.model`` / body
+  ``model``; OpenAI ``model`` of every chunk / the body).
 - ``events_per_stream`` (int, 8): text deltas per response. Deltas carry whole
   consecutive words of ``text`` (repeated if it has fewer words than deltas) and
   concatenate exactly to the reply text.
@@ -78,6 +81,22 @@ Options (``EmulatorOptions``; CLI ``--flag-name``; live via ``POST /_emulator/co
   encoding cannot be loaded; ``GET /_emulator/stats`` shows which).
 - ``anthropic_429_type`` ("code" | "rate_limit_error", "code"): error.type of 429s
   on the Anthropic route.
+- ``reject_models`` (str, "" = off): comma-separated ``model:code`` pairs, e.g.
+  ``glm-5.1:1312,glm-4.6:1311``. A messages / chat-completions request whose
+  ``model`` is exactly a listed name is refused with that code, answered as
+  ``reject_code`` answers it (1311 names the requested model); other models are
+  served. Checked after ``reject_code`` and before the quota windows and limits.
+  Each code must be one of ``reject_code``'s; anything else is refused by validation.
+- ``quota_window_tokens`` (int, 40_000_000) / ``quota_weekly_tokens`` (int,
+  400_000_000): allowances of the 5-hour and weekly windows in tokens.
+- ``quota_window_seconds`` (float s, 18000) / ``quota_weekly_seconds`` (float s,
+  604800): the windows' lengths.
+- ``quota_level`` (str, "lite"): the plan tier the quota endpoint reports; also
+  sizes the tool allowance (lite 100, pro 1000, max 4000 calls).
+- ``quota_shape`` ("tokens" | "credits", "tokens"): how the quota endpoint reports
+  the windows (see below).
+- ``quota_error`` (str of digits, "" = off): the quota endpoint answers HTTP 200
+  ``{"code": <int>, "msg": ..., "success": false}`` instead.
 
 Per-request options: an API request may carry ``x-emulator-options: <JSON object>``
 with any of the fields above except ``api_key``, coerced and validated exactly as by
@@ -87,6 +106,42 @@ Checked after authentication; a bad value (not JSON, not an object, unknown fiel
 wrong type or range, ``api_key``, the header given twice) -> 400 code 1210 (Anthropic
 ``invalid_request_error``) "Invalid x-emulator-options header: <problem>", recorded
 as ``rejected``. Without the header nothing changes.
+
+Quota windows (the account's 5-hour and weekly allowances)
+----------------------------------------------------------
+Driven by ``wall_clock`` (injectable). Each window is anchored when first looked at
+(next reset = then + its length). Every messages / chat-completions response that
+completes (outcome ``completed``) adds input + output + cache-read + cache-write
+tokens, i.e. everything its usage reports (OpenAI streams count even without
+``include_usage``), to both windows. When the clock reaches a window's next reset,
+its use goes back to 0 and the next reset moves on by whole window lengths. While a
+window's use is at or over its allowance every messages / chat-completions request
+(count_tokens is exempt) is refused, after ``reject_code`` / ``reject_models`` and
+before the other limits: 429 code 1308 "Usage limit reached for 5 hour. Your limit
+will reset at <UTC+8>" for the 5-hour window, 1310 "Weekly/Monthly Limit Exhausted.
+Your limit will reset at <UTC+8>" for the weekly one (when both are spent, the one
+that resets later), with ``retry-after`` = seconds until that reset (rounded up):
+the same instant as the endpoint's ``nextResetTime``.
+
+``GET /api/monitor/usage/quota/limit`` takes the raw key as the whole
+``Authorization`` value (no ``Bearer``; missing -> 401 ``{"code": 1001, "msg": ...,
+"success": false}``, anything else -> 401 code 1000) and the ``x-emulator-options``
+header (a bad one -> 400 code 1210 in the same envelope). It answers
+``{"code": 200, "msg": "Operation successful", "success": true, "data": {"level":
+<quota_level>, "limits": [...]}}`` with, in this order: the 5-hour window ``{"type":
+"TOKENS_LIMIT", "unit": 3, "number": 5, "percentage": P, "nextResetTime": <epoch ms>}``,
+the weekly window (same with ``"unit": 6, "number": 1``), the tool allowance
+``{"type": "TIME_LIMIT", "unit": 5, "number": 1, "usage": 100, "currentValue": 0,
+"remaining": 100, "percentage": 0, "nextResetTime": ..., "usageDetails": [{"modelCode":
+"search-prime", "usage": 0}, {"modelCode": "web-reader", ...}, {"modelCode": "zread",
+...}]}`` (a 30-day period), and ``{"type": "FOO_LIMIT", "unit": 3, "number": 5,
+"percentage": 100, "nextResetTime": ...}``, a type no client knows (clients must skip
+it; one that does not will think the account spent). P = floor(100 * used /
+allowance), capped at 100. With ``quota_shape`` "credits" the windows are ``{"type":
+"CREDIT_LIMIT", "unit", "number", "usage": <allowance>, "currentValue": <used>,
+"remaining": <allowance - used, >= 0>, "percentage", "nextResetTime"}`` (one token =
+one credit). Calls are counted by answer code under ``quota_endpoint_calls`` in
+``GET /_emulator/stats``; they are not in the request log.
 
 Usage reported: Anthropic ``message_start`` has input/cache counts and
 output_tokens 1; ``message_delta`` has the cumulative output tokens and repeats the
@@ -113,9 +168,17 @@ Control routes (no auth; bind to loopback)
   ``message_delta``, OpenAI usage chunk) has been sent, and stays null otherwise
   (refusals, error events and responses, cuts, OpenAI streams without
   ``include_usage``, count_tokens).
-- ``POST /_emulator/reset``: forget requests, counters, rate window and quota.
+- ``POST /_emulator/reset``: forget requests, counters, rate window and quota,
+  including the 5-hour and weekly windows (re-anchored when next looked at).
+- ``GET /_emulator/quota``: the windows as they stand now: ``{"5h": {"used",
+  "allowance", "percentage", "next_reset" (epoch s), "window_seconds"}, "weekly":
+  {...}}``.
+- ``POST /_emulator/quota``: ``{"window": "5h" | "weekly", "used_percent": P,
+  "reset_in": S}`` (at least one of the last two): used becomes ceil(allowance * P /
+  100) (P = 100 spends the window), and the window's next reset moves to now + S.
+  Answers like GET; 400 ``{"error": ...}`` on an unknown field or a bad value.
 - ``GET /_emulator/stats``: in_flight, max_in_flight, accepted, rejected by code,
-  outcomes, tokenizer.
+  outcomes, tokenizer, quota_endpoint_calls (quota endpoint answers by code).
 
 Running: ``python -m extproc.emulator --help`` (see ``extproc.emulator.cli``), or in
 Python ``build_app(options)`` / ``async with EmulatorServer(options) as server``.

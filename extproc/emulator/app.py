@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import anthropic_sse, openai_sse
+from . import anthropic_sse, monitor, openai_sse
 from .content import tokenizer_name
 from .errors import (
     ApiFormat,
@@ -30,10 +30,13 @@ from .errors import (
     bad_options_header,
     error_body,
     overloaded,
+    quota_exhausted,
     rejection,
+    weekly_limit_exhausted,
 )
 from .limits import Limits
-from .options import OPTIONS_HEADER, EmulatorOptions
+from .options import OPTIONS_HEADER, EmulatorOptions, parse_reject_models
+from .quota import FIVE_HOUR, TOOLS, QuotaWindows, WindowView
 from .records import RequestLog, redact_path
 from .reply import (
     Reply,
@@ -66,8 +69,11 @@ class EmulatorState:
     clock: Clock
     wall_clock: Clock
     limits: Limits = field(default_factory=Limits)
+    quota: QuotaWindows = field(default_factory=QuotaWindows)
     log: RequestLog = field(default_factory=RequestLog)
     outcomes: Counter[str] = field(default_factory=Counter)
+    # Quota endpoint answers by business code (200 = success), for GET /_emulator/stats.
+    quota_calls: Counter[str] = field(default_factory=Counter)
 
 
 STATE = web.AppKey("emulator_state", EmulatorState)
@@ -83,9 +89,11 @@ def build_app(
     clock: Clock = time.monotonic,
     wall_clock: Clock = time.time,
 ) -> web.Application:
-    """The emulator app. `clock` (monotonic seconds) drives the rate window and quota
-    reset; `wall_clock` (epoch seconds) only dates the 1308 reset message. Both are
-    injectable so tests control time exactly; sleeps use real time."""
+    """The emulator app. `clock` (monotonic seconds) drives the rate window and the
+    `quota_requests` reset; `wall_clock` (epoch seconds) dates reset messages and
+    drives the 5-hour and weekly quota windows (Z.AI states those as wall-clock
+    instants). Both are injectable so tests control time exactly; sleeps use real
+    time."""
     tokenizer_name()  # load the tokenizer now, not inside the first request
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[STATE] = EmulatorState(options, clock, wall_clock)
@@ -93,11 +101,14 @@ def build_app(
     app.router.add_post(f"{ANTHROPIC_PREFIX}/v1/messages/count_tokens", _count_tokens)
     for prefix in OPENAI_PREFIXES:
         app.router.add_post(f"{prefix}/chat/completions", _openai_chat)
+    app.router.add_get(monitor.PATH, _quota_limit)
     app.router.add_get("/_emulator/config", _get_config)
     app.router.add_post("/_emulator/config", _post_config)
     app.router.add_get("/_emulator/requests", _get_requests)
     app.router.add_post("/_emulator/reset", _post_reset)
     app.router.add_get("/_emulator/stats", _get_stats)
+    app.router.add_get("/_emulator/quota", _get_quota)
+    app.router.add_post("/_emulator/quota", _post_quota)
     return app
 
 
@@ -232,14 +243,8 @@ async def _generate(
 ) -> web.StreamResponse:
     key_id = hashlib.sha256(options.api_key.encode("utf-8")).hexdigest()
     limits = state.limits
-    if options.reject_code:
-        error = rejection(
-            options.reject_code,
-            fmt,
-            model=response_model(body.get("model"), options.model_default),
-            reset_epoch=state.wall_clock() + options.quota_reset_after,
-            retry_after=options.quota_reset_after,
-        )
+    error = _refusal(state, options, fmt, body)
+    if error is not None:
         limits.note_rejection(error.code)
         return _error_response(fmt, error, options, record, "rejected")
     error = limits.admit(key_id, options, state.clock(), state.wall_clock())
@@ -248,10 +253,58 @@ async def _generate(
     try:
         reply = plan_reply(body, options, _new_id(fmt), int(state.wall_clock()))
         if body.get("stream") is True:
-            return await _stream(request, _plan(fmt, reply, body, options), options, record)
-        return await _complete(request, fmt, reply, options, record)
+            plan = _plan(fmt, reply, body, options)
+            response = await _stream(request, plan, options, record)
+        else:
+            response = await _complete(request, fmt, reply, options, record)
+        if record["outcome"] == "completed":
+            state.quota.spend(_reply_tokens(reply), options, state.wall_clock())
+        return response
     finally:
         limits.release(key_id)  # also on client disconnect (cancellation)
+
+
+def _refusal(
+    state: EmulatorState, options: EmulatorOptions, fmt: ApiFormat, body: dict[str, Any]
+) -> ZaiError | None:
+    """A refusal decided before the limits: `reject_code`, then `reject_models`,
+    then a spent quota window."""
+    wall = state.wall_clock()
+    requested = body.get("model")
+    if options.reject_code:
+        return rejection(
+            options.reject_code,
+            fmt,
+            model=response_model(requested, options.model_default),
+            reset_epoch=wall + options.quota_reset_after,
+            retry_after=options.quota_reset_after,
+        )
+    code = parse_reject_models(options.reject_models).get(str(requested))
+    if code is not None:
+        # 1311 names the model as the client asked for it: that is what is listed.
+        return rejection(
+            code,
+            fmt,
+            model=str(requested),
+            reset_epoch=wall + options.quota_reset_after,
+            retry_after=options.quota_reset_after,
+        )
+    spent = state.quota.blocking(options, wall)
+    return None if spent is None else _window_refusal(spent, wall)
+
+
+def _window_refusal(window: WindowView, wall: float) -> ZaiError:
+    """1308 (5-hour) or 1310 (weekly), dated by the window's own next reset, so the
+    message, retry-after and the quota endpoint's nextResetTime agree."""
+    refuse = quota_exhausted if window.name == FIVE_HOUR else weekly_limit_exhausted
+    return refuse(window.next_reset, window.next_reset - wall)
+
+
+def _reply_tokens(reply: Reply) -> int:
+    """What a completed response's usage reports, all kinds together: Z.AI's
+    windows count every token the request cost."""
+    return (reply.input_tokens + reply.output_tokens
+            + reply.cache_read_tokens + reply.cache_write_tokens)
 
 
 def _new_id(fmt: ApiFormat) -> str:
@@ -428,7 +481,9 @@ async def _post_reset(request: web.Request) -> web.Response:
     state = request.app[STATE]
     state.log.clear()
     state.limits.reset()
+    state.quota.reset()
     state.outcomes.clear()
+    state.quota_calls.clear()
     return web.json_response({"reset": True})
 
 
@@ -443,5 +498,53 @@ async def _get_stats(request: web.Request) -> web.Response:
             "rejected": dict(limits.rejected),
             "outcomes": dict(state.outcomes),
             "tokenizer": tokenizer_name(),
+            "quota_endpoint_calls": dict(state.quota_calls),
         }
     )
+
+
+async def _get_quota(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    views = state.quota.views(state.options, state.wall_clock())
+    return web.json_response({name: view.public() for name, view in views.items()})
+
+
+async def _post_quota(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    changes = _parse_json(await request.read())
+    try:
+        state.quota.control(changes, state.options, state.wall_clock())
+    except ValueError as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    return await _get_quota(request)
+
+
+# ---------------------------------------------------------------- quota endpoint
+
+
+async def _quota_limit(request: web.Request) -> web.Response:
+    """Z.AI's quota endpoint. Takes the per-request options header like the API
+    routes (after the key check), so one test can ask for another shape."""
+    state = request.app[STATE]
+    status, body = _quota_answer(request, state)
+    state.quota_calls[str(body["code"])] += 1
+    return web.json_response(body, status=status)
+
+
+def _quota_answer(request: web.Request, state: EmulatorState) -> tuple[int, dict[str, Any]]:
+    refused = monitor.check_key(request.headers.get("Authorization"), state.options.api_key)
+    if refused is not None:
+        return refused
+    try:
+        options = state.options.with_request_overrides(
+            request.headers.getall(OPTIONS_HEADER, [])
+        )
+    except ValueError as exc:
+        problem = bad_options_header(OPTIONS_HEADER, str(exc))
+        return 400, monitor.envelope(int(problem.code), problem.message)
+    if options.quota_error:
+        return 200, monitor.error_body(options.quota_error)
+    wall = state.wall_clock()
+    windows = state.quota.views(options, wall)
+    tools = state.quota.view(TOOLS, options, wall)
+    return 200, monitor.limits_body(windows, tools, options)

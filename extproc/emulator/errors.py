@@ -188,6 +188,25 @@ def rejection(
     raise ValueError(f"no Z.AI rejection for code {code!r}")
 
 
+def business_message(code: str) -> str:
+    """Z.AI's wording for a business code, for bodies that carry only a code and a
+    message (the quota endpoint). Codes whose wording needs a time or a model get
+    it without; unknown codes get a generic line naming the code."""
+    fixed = {
+        "1000": auth_wrong(ApiFormat.ANTHROPIC).message,
+        "1001": auth_missing().message,
+        "1002": auth_wrong(ApiFormat.OPENAI).message,
+        "1210": bad_parameters().message,
+        "1302": too_concurrent().message,
+        "1303": too_frequent().message,
+        "1305": OVERLOADED_MESSAGE,
+        "1308": "Usage limit reached for 5 hour.",
+        "1310": "Weekly/Monthly Limit Exhausted.",
+        **_REJECT_MESSAGES,
+    }
+    return fixed.get(code, f"Request failed (business code {code})")
+
+
 def bad_options_header(header: str, problem: str) -> ZaiError:
     """400 for an unusable per-request options header (an emulator feature, so the
     code is Z.AI's generic 'incorrect parameters')."""

@@ -32,6 +32,7 @@ DEFAULT_TEXT = (
 SECRET_FIELDS = frozenset({"api_key"})
 
 ANTHROPIC_429_TYPES = ("code", "rate_limit_error")
+QUOTA_SHAPES = ("tokens", "credits")
 
 # Request header carrying per-request option changes (a JSON object).
 OPTIONS_HEADER = "x-emulator-options"
@@ -161,6 +162,68 @@ class EmulatorOptions:
             "expired), 1312 (model busy), 1313 (fair-use limit): 429 with Z.AI's "
             "wording. Other codes are refused."
         ),
+    )
+    reject_models: str = field(
+        default="",
+        metadata=_doc(
+            "'' = off. Comma-separated model:code pairs, e.g. "
+            "'glm-5.1:1312,glm-4.6:1311': a messages / chat-completions request whose "
+            "`model` is listed (exact name) is refused with that code as `reject_code` "
+            "would refuse it (1311 names the requested model); other models are "
+            "served. Codes as for reject_code."
+        ),
+    )
+    quota_level: str = field(
+        default="lite",
+        metadata=_doc(
+            "Plan tier the quota endpoint reports as data.level (Z.AI: lite, pro, max). "
+            "Also sizes the tool allowance (TIME_LIMIT usage): lite 100, pro 1000, "
+            "max 4000."
+        ),
+    )
+    quota_shape: str = field(
+        default="tokens",
+        metadata=_doc(
+            "How the quota endpoint reports the two windows: 'tokens' (TOKENS_LIMIT "
+            "entries with only percentage) or 'credits' (CREDIT_LIMIT entries with "
+            "usage = allowance, currentValue = used, remaining, percentage). Both "
+            "shapes are seen from the real service."
+        ),
+    )
+    quota_error: str = field(
+        default="",
+        metadata=_doc(
+            "'' = off. A business code (digits): the quota endpoint answers HTTP 200 "
+            "with {\"code\": <int>, \"msg\": ..., \"success\": false}, as Z.AI "
+            "reports errors there."
+        ),
+    )
+    quota_window_tokens: int = field(
+        default=40_000_000,
+        metadata=_doc(
+            "Allowance of the 5-hour window, in tokens (>= 1). Each completed "
+            "messages / chat-completions response adds its input + output + cache "
+            "tokens; at or over 100% every such request gets 429 code 1308 until "
+            "the window resets."
+        ),
+    )
+    quota_weekly_tokens: int = field(
+        default=400_000_000,
+        metadata=_doc(
+            "Allowance of the weekly window, in tokens (>= 1); spent -> 429 code 1310."
+        ),
+    )
+    quota_window_seconds: float = field(
+        default=5 * 3600.0,
+        metadata=_doc(
+            "Length of the 5-hour window in seconds (> 0): when the wall clock "
+            "reaches its nextResetTime, used goes back to 0 and nextResetTime moves "
+            "on by this length."
+        ),
+    )
+    quota_weekly_seconds: float = field(
+        default=7 * 86400.0,
+        metadata=_doc("Length of the weekly window in seconds (> 0)."),
     )
     input_tokens: int = field(
         default=-1,
@@ -308,6 +371,21 @@ def _check_ranges(o: EmulatorOptions) -> None:
             "reject_code",
             f"must be '' (off) or one of {', '.join(REJECT_CODES)}",
         ),
+        (o.quota_window_tokens >= 1, "quota_window_tokens", "must be >= 1"),
+        (o.quota_weekly_tokens >= 1, "quota_weekly_tokens", "must be >= 1"),
+        (o.quota_window_seconds > 0, "quota_window_seconds", "must be > 0 seconds"),
+        (o.quota_weekly_seconds > 0, "quota_weekly_seconds", "must be > 0 seconds"),
+        (bool(o.quota_level.strip()), "quota_level", "must not be empty"),
+        (
+            o.quota_shape in QUOTA_SHAPES,
+            "quota_shape",
+            f"must be one of {', '.join(QUOTA_SHAPES)}",
+        ),
+        (
+            o.quota_error == "" or (o.quota_error.isascii() and o.quota_error.isdigit()),
+            "quota_error",
+            "must be '' (off) or a business code of digits, e.g. '1113'",
+        ),
         (
             o.anthropic_429_type in ANTHROPIC_429_TYPES,
             "anthropic_429_type",
@@ -318,3 +396,34 @@ def _check_ranges(o: EmulatorOptions) -> None:
         if not ok:
             value = _safe_repr(name, getattr(o, name))
             raise ValueError(f"option {name!r} {problem}, got {value}")
+    try:
+        parse_reject_models(o.reject_models)
+    except ValueError as exc:
+        raise ValueError(f"option 'reject_models' {exc}, got {o.reject_models!r}") from None
+
+
+def parse_reject_models(spec: str) -> dict[str, str]:
+    """'glm-5.1:1312,glm-4.6:1311' -> {"glm-5.1": "1312", "glm-4.6": "1311"}.
+
+    '' (or only spaces) = no model is refused. Raises ValueError saying what is
+    wrong (the caller names the option). The code is split off at the last colon,
+    so a model name could itself hold one.
+    """
+    rejected: dict[str, str] = {}
+    if not spec.strip():
+        return rejected
+    for entry in spec.split(","):
+        model, colon, code = (part.strip() for part in entry.rpartition(":"))
+        if not colon or not model:
+            raise ValueError(
+                f"must be '' (off) or comma-separated model:code pairs, e.g. "
+                f"'glm-5.1:1312,glm-4.6:1311'; bad entry {entry.strip()!r}"
+            )
+        if code not in REJECT_CODES:
+            raise ValueError(
+                f"entry {entry.strip()!r}: code must be one of {', '.join(REJECT_CODES)}"
+            )
+        if model in rejected:
+            raise ValueError(f"model {model!r} is listed twice")
+        rejected[model] = code
+    return rejected
