@@ -3,9 +3,8 @@ burn rate, and whether only priority workers may still start requests.
 
 Z.AI's report (polled every minute) is the truth for the whole account, every replica and every
 other user of the key included; between polls the tokens this process counted move the estimate
-on, converted to a share of the window at the rate the last polls showed (or exactly, where the
-report names the allowance). The burn rate is the change of the reported share over the recent
-polls. Pure: times are passed in.
+on where the report names the allowance (CREDIT_LIMIT). The burn rate is the change of the
+reported share over the recent polls. Pure: times are passed in.
 """
 
 from __future__ import annotations
@@ -44,18 +43,15 @@ class WindowPace:
             self.samples.popleft()
 
     def ratio_per_token(self) -> float | None:
-        """What one token costs of the window: exact from the allowance, else learned."""
+        """What one token costs of the window, where the report names the allowance
+        (CREDIT_LIMIT). A percentage-only report gives no exact rate, and one learned from
+        two reports would mistake other users of the key for this gateway's tokens."""
         w = self.window
-        if w is not None and w.allowance:
-            return 1.0 / w.allowance
-        if len(self.samples) < 2:
-            return None
-        first, last = self.samples[0], self.samples[-1]
-        tokens, ratio = last.tokens - first.tokens, last.ratio - first.ratio
-        return ratio / tokens if tokens > 0 and ratio > 0 else None
+        return 1.0 / w.allowance if w is not None and w.allowance else None
 
     def used_now(self, tokens: float) -> float | None:
-        """The share used now: the last report plus what this process spent since."""
+        """The share used now: the last report plus what this process spent since (where the
+        allowance is known)."""
         if self.window is None:
             return None
         per_token = self.ratio_per_token() or 0.0
