@@ -26,13 +26,15 @@ from extproc.limiter.stores.base import LimiterStore
 from extproc.limiter.stores.local import LocalStore
 from extproc.limiter.pacing import Pacer
 from extproc.limiter.quota_poller import QUOTA_PATH, QuotaPoller, http_fetch
-from extproc.telemetry.metrics import LimiterMetrics, Metrics, QuotaCollector
+from extproc.telemetry.metrics import (LimiterMetrics, Metrics, QuotaCollector,
+                                       WorkerQueueCollector)
 from extproc.telemetry.worker_labels import WorkerLabels
 from extproc.telemetry.pricing import PriceTable
 from extproc.telemetry.usage_record import Reporter
 from extproc.accounting.estimator import TiktokenEstimator
 from extproc.proxy.servicer import ExternalProcessor
 from extproc.proxy.gateway import Claims, Gateway
+from extproc.proxy.models import ModelRules
 from extproc.accounting.tokens import TokenCounter
 
 log = logging.getLogger(__name__)
@@ -118,11 +120,12 @@ class Service:
             self.metrics.registry.register(QuotaCollector(settings.deployment_variant,
                                                           self.quota.state))
         worker_keys = WorkerKeys(settings.worker_keys_file)
-        self.reporter = Reporter(
-            self.metrics, prices, settings.deployment_variant,
-            worker_labels=WorkerLabels(self.limiter.store, account, settings.worker_label_limit,
-                                       worker_keys.is_named),
-            pacer=self.pacer)
+        worker_labels = WorkerLabels(self.limiter.store, account, settings.worker_label_limit,
+                                     worker_keys.is_named)
+        self.reporter = Reporter(self.metrics, prices, settings.deployment_variant,
+                                 worker_labels=worker_labels, pacer=self.pacer)
+        self.metrics.registry.register(WorkerQueueCollector(
+            settings.deployment_variant, self.limiter.admission.queue.waiting, worker_labels.known))
         self.gateway = Gateway(self.upstream_key, worker_keys,
                                self.reporter, TiktokenEstimator(TokenCounter()),
                                count_tokens=settings.token_counting, limiter=self.limiter,
@@ -130,7 +133,8 @@ class Service:
                                on_attempt=self.on_attempt,
                                # One record per request across replicas: claims live where the
                                # limiter's shared state does (Redis with REDIS_URL).
-                               claims=Claims(self.limiter.store))
+                               claims=Claims(self.limiter.store),
+                               models=ModelRules.of(settings))
         self.serving = False
 
     def on_attempt(self, verdict: AttemptVerdict) -> None:

@@ -93,6 +93,10 @@ class FairQueue(Generic[T]):
     def workers(self) -> Iterator[str]:
         return iter(self._lanes)
 
+    def waiting(self) -> dict[str, int]:
+        """Requests waiting now, by worker."""
+        return {worker: len(lane.items) for worker, lane in self._lanes.items()}
+
     @staticmethod
     def _before(a: _Lane[T], b: _Lane[T], in_flight: dict[str, int]) -> bool:
         key_a = (in_flight.get(a.worker, 0), a.served, a.turn)

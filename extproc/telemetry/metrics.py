@@ -268,3 +268,27 @@ class QuotaCollector:
                                      labels=["deployment_variant"])
         errors.add_metric([self.variant], float(state.get("errors", 0)))
         yield errors
+
+
+class WorkerQueueCollector:
+    """`zai_proxy_worker_queued{worker}`: requests waiting for admission now, by worker label."""
+
+    def __init__(self, variant: str, waiting: "Callable[[], dict[str, int]]",
+                 label: "Callable[[str], str]") -> None:
+        self.variant = variant
+        self.waiting = waiting
+        self.label = label
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily("zai_proxy_worker_queued",
+                                   "Requests waiting for admission now, by worker.",
+                                   labels=["deployment_variant", "worker"])
+        by_label: dict[str, int] = {}
+        for worker, count in self.waiting().items():
+            name = self.label(worker)
+            by_label[name] = by_label.get(name, 0) + count
+        for name, count in sorted(by_label.items()):
+            family.add_metric([self.variant, name], float(count))
+        yield family

@@ -32,6 +32,10 @@ class WorkerLabels:
         self._labelled: set[str] = set()  # at most `limit` (what the store let in)
         self._others: OrderedDict[str, None] = OrderedDict()
 
+    def known(self, worker: str) -> str:
+        """The label already decided for `worker` (no store call): "other" until it has one."""
+        return worker if worker in self._labelled or self.is_named(worker) else OTHER
+
     async def label(self, worker: str) -> str:
         if worker in self._labelled or self.is_named(worker):
             return worker

@@ -40,3 +40,17 @@ def test_agent_session_from_claude_codes_user_id_or_header():
     assert agent_session_of({"metadata": "x"}) is None
     assert clean_session(" s-1 ") == "s-1"
     assert clean_session("x" * 65) is None and clean_session("a\nb") is None
+
+
+def test_queued_requests_by_worker_label():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from extproc.telemetry.metrics import WorkerQueueCollector
+
+    labels = WorkerLabels(LocalStore(), "acct", 1, {"alice"}.__contains__)
+    registry = CollectorRegistry()
+    registry.register(WorkerQueueCollector("production", lambda: {"alice": 2, "key-1": 1,
+                                                                   "key-2": 3}, labels.known))
+    text = generate_latest(registry).decode()
+    assert 'zai_proxy_worker_queued{deployment_variant="production",worker="alice"} 2.0' in text
+    assert 'zai_proxy_worker_queued{deployment_variant="production",worker="other"} 4.0' in text
