@@ -100,10 +100,10 @@ CODES: dict[str, Code] = {c.code: c for c in (
          hint="the request's parameters were refused; fix the request. Not retried."),
     Code("1302", "concurrency too high", Signal.CONCURRENCY,
          hint="the account has too many requests in flight; the gateway lowered its "
-              "concurrency limit and retried. Retry after retry-after."),
+              "concurrency limit and retried. Retry shortly (see retry-after)."),
     Code("1303", "request frequency too high", Signal.FREQUENCY,
          hint="requests start too fast for the account; the gateway lowered its start rate "
-              "and retried. Retry after retry-after."),
+              "and retried. Retry shortly (see retry-after)."),
     Code("1304", "daily call limit reached", Signal.QUOTA, Reset.MIDNIGHT, log_level=_WARNING,
          hint="the account's daily limit is spent; the gateway sends nothing to Z.AI until "
               "00:00 UTC+8."),

@@ -28,6 +28,8 @@ _WHAT: dict[str, str] = {
     "1304": "the account's daily call limit is used up",
     "1308": "the account's usage limit for the current window is used up",
     "1310": "the account's weekly/monthly limit is used up",
+    "1313": "Z.AI throttles the account under its fair-use policy until a review; the operator "
+            "must request one",
     "1309": "the account's plan has expired; renew it on Z.AI",
     "1113": "the account is in arrears; recharge it on Z.AI",
     "1110": "the account is inactive; check it on Z.AI",
