@@ -1,4 +1,4 @@
-"""`zai-proxy` command line: up | serve | emulator | render-envoy."""
+"""`zai-proxy` command line: up | serve | emulator | render-envoy | weights | canary."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def cmd_up(_: argparse.Namespace) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="zai-proxy-"))
     try:
         # Paced like a real model, so a person trying it sees tokens stream in.
-        stack = LocalStack(os.environ, run_dir, variants=tuple(Variant),
+        stack = LocalStack(os.environ, run_dir, variants=tuple(Variant), dashboard=True,
                            emulator_args=["--first-event-delay", "0.3", "--event-interval", "0.05"])
         return asyncio.run(_up(stack)) if uvloop is None else uvloop.run(_up(stack))
     finally:
@@ -107,6 +107,9 @@ async def _up(stack: "LocalStack") -> int:  # type: ignore[name-defined]  # noqa
         f"  export ANTHROPIC_AUTH_TOKEN=proxy-handles-auth   # or your worker key\n"
         f"OpenAI-style clients: base_url=http://localhost:{port}/v1 (or either port above)\n"
         f"Health: curl -s localhost:{port}/health    Metrics: curl -s localhost:{port}/metrics\n"
+        f"Dashboard: {stack.dashboard_url}/"
+        + ("?token=<DASHBOARD_TOKEN>" if settings.dashboard_token else "")
+        + "    Usage per worker: zai-proxy usage --since 5h\n"
         f"Ctrl-C stops everything.")
     waiter = asyncio.create_task(stack.group.wait_any_exit())
     stopper = asyncio.create_task(stop.wait())
@@ -125,6 +128,52 @@ async def _up(stack: "LocalStack") -> int:  # type: ignore[name-defined]  # noqa
     return code
 
 
+def cmd_dashboard(_: argparse.Namespace) -> int:
+    from extproc.dashboard.history import HistoryLocked
+    from extproc.dashboard.service import check, main
+
+    settings = Settings.from_env()
+    check(settings)  # before anything starts: a clear message, exit 2
+    try:
+        return main(settings)
+    except HistoryLocked as exc:
+        sys.stderr.write(f"zai-proxy dashboard: {exc}\n")
+        return 1
+    except OSError as exc:  # e.g. the port is taken
+        sys.stderr.write(f"zai-proxy dashboard: cannot serve on {settings.dashboard_address}:"
+                         f"{settings.dashboard_port} (DASHBOARD_ADDRESS, DASHBOARD_PORT): {exc}\n")
+        return 1
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    from extproc.dashboard.history import Reader
+    from extproc.dashboard.usage import parse_since, render, report
+
+    try:
+        parse_since(args.since)
+    except ValueError as exc:
+        sys.stderr.write(f"zai-proxy usage: {exc}\n")
+        return 2
+    path = args.db or Settings.from_env().dashboard_db
+    try:
+        reader = Reader.open(path)
+    except FileNotFoundError:
+        sys.stderr.write(f"zai-proxy usage: no dashboard history at {path}: the dashboard "
+                         "(`zai-proxy dashboard`, or `zai-proxy up`) writes it; point --db or "
+                         "DASHBOARD_DB at its file\n")
+        return 1
+    try:
+        sys.stdout.write(render(report(reader, args.since), args.format))
+    except sqlite3.DatabaseError as exc:
+        sys.stderr.write(f"zai-proxy usage: {path} is not a dashboard history ({exc})\n")
+        return 1
+    finally:
+        reader.close()
+    return 0
+
+
 def cmd_weights(args: argparse.Namespace) -> int:
     import time
 
@@ -134,6 +183,10 @@ def cmd_weights(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     if args.routes_dir:
         settings = Settings.from_env({**os.environ, "ENVOY_ROUTES_DIR": args.routes_dir})
+    if getattr(args, "configmap", None) or (settings.routes_configmap and not args.offline):
+        from extproc.canary.commands import weights_through_api
+
+        return weights_through_api(args, settings)
     path = routes_path(settings)
     try:
         if args.action == "show":
@@ -148,6 +201,10 @@ def cmd_weights(args: argparse.Namespace) -> int:
     sys.stdout.write(f"split: production {100 - current.canary_percent:g}% / canary "
                      f"{current.canary_percent:g}% on {current.routes} routes\n"
                      f"routes file: {path}\nlast change: {current.version}\n")
+    if args.action == "show":
+        from extproc.canary.commands import state_line
+
+        sys.stdout.write(state_line(settings) or "")
     if args.offline:
         return 0
     serving = weights.envoy_version(settings.envoy_admin_port)
@@ -184,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="ENVOY_ROUTES_DIR of the running gateway")
         parser.add_argument("--offline", action="store_true", default=default,
                             help="edit a routes file only (e.g. deploy/shared in git); do not ask Envoy")
+        parser.add_argument("--configmap", metavar="[NAMESPACE/]NAME", default=default,
+                            help="in a pod: change this ConfigMap through the Kubernetes API "
+                                 "(default ROUTES_CONFIGMAP)")
 
     weights = sub.add_parser("weights", help="show or change the production/canary split live")
     weights_flags(weights, None)
@@ -196,6 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "set":
             action.add_argument("percent", type=int)
     weights.set_defaults(func=cmd_weights)
+    from extproc.canary.commands import add_parser as add_canary_parser
+
+    add_canary_parser(sub)
+    sub.add_parser("dashboard", help="run the dashboard: history, JSON API, live updates, web page "
+                   "(DASHBOARD_* settings)").set_defaults(func=cmd_dashboard)
+    usage = sub.add_parser("usage", help="tokens, requests and cost by worker, model and variant, "
+                           "from the dashboard's history")
+    usage.add_argument("--since", default="5h",
+                       help="window: a duration (1h, 5h, 7d, ...) or `block` (Z.AI's current 5-hour "
+                            "block); default 5h")
+    usage.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    usage.add_argument("--db", help="the dashboard's history file (default: DASHBOARD_DB)")
+    usage.set_defaults(func=cmd_usage)
     # Listed for --help only: main() hands `emulator ...` to the emulator's own parser.
     sub.add_parser("emulator", help="run the Z.AI emulator (see --help after it)", add_help=False)
     return parser

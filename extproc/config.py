@@ -188,6 +188,115 @@ def parse_list(raw: str) -> tuple[str, ...]:
     return items
 
 
+# A model name as Z.AI spells them (glm-4.7, glm-4.5-air): no spaces, no glob or list characters.
+_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+# A MODEL_MAP pattern: a model name that may hold fnmatch wildcards (`*`, `?`, `[...]`).
+_MODEL_PATTERN_RE = re.compile(r"^[A-Za-z0-9._:/@+*?\[\]!-]{1,128}$")
+
+
+def _model_name(value: str, where: str) -> str:
+    if not _MODEL_NAME_RE.match(value):
+        raise ValueError(f"has {value!r} {where}, which is no model name (letters, digits, "
+                         "'.', '-', '_' ...; no spaces or wildcards)")
+    return value
+
+
+def parse_model_map(raw: str) -> tuple[tuple[str, str], ...]:
+    """`pattern=model` pairs separated by commas; patterns are fnmatch globs, matched without
+    regard to case, first match wins (extproc/proxy/models.py)."""
+    pairs: list[tuple[str, str]] = []
+    for entry in (item.strip() for item in raw.split(",")):
+        if not entry:
+            raise ValueError("has an empty entry (two commas, or a comma at an end)")
+        pattern, sep, model = (part.strip() for part in entry.partition("="))
+        if not sep or not pattern or not model:
+            raise ValueError(f"has {entry!r}, which is not `pattern=model`")
+        if not _MODEL_PATTERN_RE.match(pattern):
+            raise ValueError(f"has the pattern {pattern!r}, which is no model name or glob")
+        _model_name(model, f"as the model for {pattern!r}")
+        if any(pattern.lower() == known for known, _ in pairs):
+            raise ValueError(f"lists the pattern {pattern!r} twice")
+        pairs.append((pattern.lower(), model))
+    return tuple(pairs)
+
+
+def parse_model_fallbacks(raw: str) -> tuple[tuple[str, ...], ...]:
+    """Chains `a>b>c` separated by commas: a model refused for itself (1311/1312) is retried on
+    the next model of its chain. Chains may share models as long as each model has one next
+    model and no chain of them leads back to where it started."""
+    chains: list[tuple[str, ...]] = []
+    after: dict[str, str] = {}
+    for entry in (item.strip() for item in raw.split(",")):
+        if not entry:
+            raise ValueError("has an empty entry (two commas, or a comma at an end)")
+        chain = tuple(part.strip() for part in entry.split(">"))
+        if len(chain) < 2 or not all(chain):
+            raise ValueError(f"has {entry!r}, which is not a chain of two or more models "
+                             "separated by '>'")
+        for model in chain:
+            _model_name(model, f"in the chain {entry!r}")
+        for model, following in zip(chain, chain[1:]):
+            known = after.setdefault(model.lower(), following.lower())
+            if known != following.lower():
+                raise ValueError(f"gives {model!r} two next models ({known!r} and "
+                                 f"{following!r})")
+        chains.append(chain)
+    for start in after:
+        seen, model = {start}, after[start]
+        while model in after:
+            if model in seen:
+                raise ValueError(f"leads from {start!r} back to {model!r} (a loop would retry "
+                                 "forever)")
+            seen.add(model)
+            model = after[model]
+    return tuple(chains)
+
+
+def parse_base_url(raw: str) -> str:
+    """An http(s) base URL (a path prefix allowed), returned without its trailing slash."""
+    value = raw.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query string or fragment")
+    try:
+        parts.port
+    except ValueError as exc:
+        raise ValueError(f"has a bad port ({exc})") from None
+    return value.rstrip("/")
+
+
+def parse_targets(raw: str) -> tuple[tuple[str, str], ...]:
+    """`variant=url` pairs separated by commas: the ext_proc admin endpoints the dashboard
+    scrapes (`<url>/metrics`). A variant may be named several times (one entry per replica)."""
+    targets: list[tuple[str, str]] = []
+    for entry in (item.strip() for item in raw.split(",")):
+        if not entry:
+            raise ValueError("has an empty entry (two commas, or a comma at an end)")
+        variant, sep, url = (part.strip() for part in entry.partition("="))
+        if not sep or not variant or not url:
+            raise ValueError(f"has {entry!r}, which is not `variant=http://host:port`")
+        for what, parse in (("variant", parse_label), ("URL", parse_base_url)):
+            try:
+                parse(variant if what == "variant" else url)
+            except ValueError as exc:
+                raise ValueError(f"has {entry!r}, whose {what} {exc}") from None
+        variant, url = parse_label(variant), parse_base_url(url)
+        url = url[:-len("/metrics")] if url.endswith("/metrics") else url
+        if any(url == known for _, known in targets):
+            raise ValueError(f"lists {url} twice")
+        targets.append((variant, url))
+    return tuple(targets)
+
+
+def parse_interval(raw: str) -> int:
+    value = parse_positive_int(raw)
+    if 60 % value:
+        raise ValueError("must divide a minute evenly (1, 2, 3, 4, 5, 6, 10, 12, 15, 20 or 30)")
+    return value
+
+
 def _state_path(name: str) -> tuple[str, str]:
     """`name` in zai-proxy's state directory: (the path on this machine, the path as documented)."""
     home = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
@@ -196,6 +305,29 @@ def _state_path(name: str) -> tuple[str, str]:
 
 DEFAULT_STATE_FILE, _STATE_FILE_SHOWN = _state_path("limiter.json")
 DEFAULT_ROUTES_DIR, _ROUTES_DIR_SHOWN = _state_path("routes")
+DEFAULT_DASHBOARD_DB, _DASHBOARD_DB_SHOWN = _state_path("dashboard.sqlite3")
+DEFAULT_CANARY_STATE, _CANARY_STATE_SHOWN = _state_path("canary/state.json")
+DEFAULT_CANARY_AUDIT, _CANARY_AUDIT_SHOWN = _state_path("canary/audit.jsonl")
+_K8S_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+def parse_configmap(raw: str) -> tuple[str | None, str]:
+    """`name` or `namespace/name` of a ConfigMap: (namespace or None, name)."""
+    namespace, _, name = raw.strip().rpartition("/")
+    for part in filter(None, (namespace, name)):
+        if not _K8S_NAME_RE.match(part):
+            raise ValueError(f"has {part!r}, which is no Kubernetes name (lower-case letters, digits, "
+                             "'-', '.')")
+    return namespace or None, name
+
+
+def parse_optional_port(raw: str) -> int:
+    value = parse_int(raw)
+    if not 0 <= value < 65536:
+        raise ValueError("must be 0 (off) or a TCP port between 1 and 65535")
+    return value
+
+
 DEFAULT_MODEL_LABELS = "glm-4.7,glm-4.6,glm-4.5,glm-4.5-air,glm-4.5-flash,glm-5,glm-4.6v"
 
 
@@ -337,6 +469,22 @@ class Settings:
     model_labels: tuple[str, ...] = setting(
         "MODEL_LABELS", parse_list, DEFAULT_MODEL_LABELS, "MODEL_LABELS=glm-4.7,glm-4.6",
         "Models that get their own `model` label value; any other model is counted as `other`.")
+    model_map: tuple[tuple[str, str], ...] | None = setting(
+        "MODEL_MAP", parse_model_map, None,
+        "MODEL_MAP=claude-sonnet-*=glm-4.7,claude-opus-*=glm-4.7,claude-haiku-*=glm-4.5-air",
+        "Rewrites the model a request names, so the fleet's model changes in one place: "
+        "`pattern=model` pairs separated by commas, where a pattern is an exact name or an "
+        "fnmatch glob (`*`, `?`, `[...]`), matched ignoring case; the first match wins, a model "
+        "no pattern matches is sent as named. Only the body's top-level `model` value changes. "
+        "The usage record and metrics keep both the requested and the served model. Unset: "
+        "bodies are not read on their way upstream.")
+    model_fallbacks: tuple[tuple[str, ...], ...] | None = setting(
+        "MODEL_FALLBACKS", parse_model_fallbacks, None,
+        "MODEL_FALLBACKS=glm-5.1>glm-4.7>glm-4.5-air",
+        "Chains of models separated by `>` (several chains separated by commas; each model has "
+        "at most one next model, and no loops): an attempt Z.AI refuses for its model (1312 model overloaded, 1311 "
+        "model not in the plan) is retried on the chain's next model (after `MODEL_MAP`); at "
+        "the chain's end the client gets Z.AI's last error. Retries count against `MAX_RETRIES`.")
     rate_limit_initial: int = setting(
         "RATE_LIMIT_INITIAL", parse_positive_int, "3", "RATE_LIMIT_INITIAL=3",
         "Concurrent requests allowed upstream before the limiter has learned anything.")
@@ -402,6 +550,67 @@ class Settings:
         "WORKER_LABEL_LIMIT", parse_positive_int, "100", "WORKER_LABEL_LIMIT=100",
         "Most unnamed workers (key fingerprints) that get their own `worker` label in the "
         "per-worker metrics; later ones count as `other`. Named workers always keep theirs.")
+    dashboard_address: str = setting(
+        "DASHBOARD_ADDRESS", parse_host, "127.0.0.1", "DASHBOARD_ADDRESS=0.0.0.0",
+        "Address `zai-proxy dashboard` binds. Beyond loopback it needs `DASHBOARD_TOKEN` (it "
+        "refuses to start without one).")
+    dashboard_port: int = setting(
+        "DASHBOARD_PORT", parse_port, "8095", "DASHBOARD_PORT=8095",
+        "Port of the dashboard (web page, JSON API, live updates); `zai-proxy up` starts it there.")
+    dashboard_token: str | None = setting(
+        "DASHBOARD_TOKEN", parse_text, None, "DASHBOARD_TOKEN=<a long random string>",
+        "Token every dashboard request must carry (`Authorization: Bearer <token>`, or "
+        "`?token=<token>` once, which sets a cookie), `/health` excepted. Required when "
+        "`DASHBOARD_ADDRESS` is not a loopback address.", secret=True)
+    dashboard_db: str = setting(
+        "DASHBOARD_DB", parse_text, DEFAULT_DASHBOARD_DB, "DASHBOARD_DB=/var/lib/zai-proxy/dashboard.sqlite3",
+        "The dashboard's history (SQLite): 5 s points kept 24 h, 1 min points kept 30 days; "
+        "`zai-proxy usage` reads it.", shown_default=_DASHBOARD_DB_SHOWN)
+    dashboard_db_max_mb: int = setting(
+        "DASHBOARD_DB_MAX_MB", parse_positive_int, "512", "DASHBOARD_DB_MAX_MB=512",
+        "Size the dashboard's history may reach; past it the oldest minutes go first.")
+    dashboard_interval: int = setting(
+        "DASHBOARD_INTERVAL_SECONDS", parse_interval, "5", "DASHBOARD_INTERVAL_SECONDS=5",
+        "How often the dashboard collects, and the resolution of its recent history.")
+    dashboard_targets: tuple[tuple[str, str], ...] | None = setting(
+        "DASHBOARD_TARGETS", parse_targets, None,
+        "DASHBOARD_TARGETS=production=http://10.0.0.5:8081,production=http://10.0.0.6:8081,canary=http://10.0.0.7:8081",
+        "The ext_proc admin endpoints the dashboard scrapes, `variant=url` separated by commas "
+        "(several per variant: replicas, summed). Unset: `EXTPROC_HOST`:`EXTPROC_ADMIN_PORT` "
+        "(production) and `CANARY_EXTPROC_HOST`:`CANARY_EXTPROC_ADMIN_PORT` (canary).")
+    prometheus_url: str | None = setting(
+        "PROMETHEUS_URL", parse_base_url, None, "PROMETHEUS_URL=http://prometheus:9090",
+        "When set, the dashboard reads Prometheus's HTTP API (the README's queries, summed by "
+        "`deployment_variant`) instead of scraping the ext_procs itself (e.g. in Kubernetes); "
+        "`zai-proxy canary` analyses the canary from it (its only source).")
+
+    canary_thresholds_file: str | None = setting(
+        "CANARY_THRESHOLDS_FILE", parse_text, None, "CANARY_THRESHOLDS_FILE=/etc/zai-proxy/canary.yaml",
+        "The limits `zai-proxy canary analyze` and `rollout` hold the canary to (YAML; shape: "
+        "`zai-proxy canary thresholds`); the runbook's defaults otherwise.")
+    canary_state_file: str = setting(
+        "CANARY_STATE_FILE", parse_text, DEFAULT_CANARY_STATE,
+        "CANARY_STATE_FILE=/var/lib/zai-proxy-canary/state.json",
+        "Where `zai-proxy canary rollout` keeps its state (step, last verdict, next decision): "
+        "what it resumes from, and what the dashboard shows.", shown_default=_CANARY_STATE_SHOWN)
+    canary_audit_file: str = setting(
+        "CANARY_AUDIT_FILE", parse_text, DEFAULT_CANARY_AUDIT,
+        "CANARY_AUDIT_FILE=/var/lib/zai-proxy-canary/audit.jsonl",
+        "Append-only record (JSON lines) of every weight change the `canary` commands make: who, "
+        "when, from what to what, why.", shown_default=_CANARY_AUDIT_SHOWN)
+    canary_metrics_port: int = setting(
+        "CANARY_METRICS_PORT", parse_optional_port, "0", "CANARY_METRICS_PORT=9109",
+        "Port where `zai-proxy canary rollout` serves its own `/metrics` (`zai_proxy_canary_*`); "
+        "`0` = none.")
+    routes_configmap: tuple[str | None, str] | None = setting(
+        "ROUTES_CONFIGMAP", parse_configmap, None, "ROUTES_CONFIGMAP=zai-proxy/zai-proxy-routes",
+        "In a pod: `zai-proxy weights` and `canary` change the split in this ConfigMap "
+        "(`name` or `namespace/name`) through the Kubernetes API, with the pod's service "
+        "account, instead of a local routes file.")
+    kube_service_account_dir: str = setting(
+        "KUBE_SERVICE_ACCOUNT_DIR", parse_text, "/var/run/secrets/kubernetes.io/serviceaccount",
+        "KUBE_SERVICE_ACCOUNT_DIR=/var/run/secrets/kubernetes.io/serviceaccount",
+        "Service account token, CA and namespace used with `ROUTES_CONFIGMAP`.")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -71,6 +71,13 @@ Options (``EmulatorOptions``; CLI ``--flag-name``; live via ``POST /_emulator/co
   include access to <model>" (the model the reply would name); 1113 (arrears), 1304
   (daily limit), 1309 (plan expired), 1312 (model busy), 1313 (fair use) = 429. Any
   other value is refused by validation.
+- ``server_error_percent`` (float, 0 = off): that share of messages /
+  chat-completions requests (count_tokens is exempt) gets HTTP 500 with Z.AI code
+  500 (Anthropic ``api_error``), after auth and body checks and before
+  ``reject_code`` and the limits. Spread evenly, not at random: each such request
+  adds N/100 to a running credit and fails when it reaches 1 (20 = every fifth).
+  Sent per request (``x-emulator-options``) by one variant's routes, it makes that
+  variant's upstream fail (the canary rollout's integration test does this).
 - ``input_tokens`` (int, -1 = derive): uncached input tokens reported. Derived =
   ceil(utf-8 bytes of compact JSON of the request's system/messages/tools / 4), >= 1.
 - ``cache_read_tokens`` / ``cache_write_tokens`` (int, 0): reported cache reads and

@@ -29,6 +29,7 @@ from .errors import (
     auth_wrong,
     bad_options_header,
     error_body,
+    internal_error,
     overloaded,
     quota_exhausted,
     rejection,
@@ -74,6 +75,16 @@ class EmulatorState:
     outcomes: Counter[str] = field(default_factory=Counter)
     # Quota endpoint answers by business code (200 = success), for GET /_emulator/stats.
     quota_calls: Counter[str] = field(default_factory=Counter)
+    # server_error_percent: what the requests that asked for errors have accumulated.
+    server_error_credit: float = 0.0
+
+    def server_error_due(self, percent: float) -> bool:
+        """Whether this request is one of the `percent`% that fail (evenly spread)."""
+        self.server_error_credit += percent / 100.0
+        if self.server_error_credit >= 1.0 - 1e-9:
+            self.server_error_credit -= 1.0
+            return True
+        return False
 
 
 STATE = web.AppKey("emulator_state", EmulatorState)
@@ -267,10 +278,12 @@ async def _generate(
 def _refusal(
     state: EmulatorState, options: EmulatorOptions, fmt: ApiFormat, body: dict[str, Any]
 ) -> ZaiError | None:
-    """A refusal decided before the limits: `reject_code`, then `reject_models`,
-    then a spent quota window."""
+    """A refusal decided before the limits: `server_error_percent`, `reject_code`,
+    then `reject_models`, then a spent quota window."""
     wall = state.wall_clock()
     requested = body.get("model")
+    if options.server_error_percent and state.server_error_due(options.server_error_percent):
+        return internal_error()
     if options.reject_code:
         return rejection(
             options.reject_code,

@@ -132,6 +132,11 @@ def overloaded(fmt: ApiFormat) -> ZaiError:
     return ZaiError(429, "1305", OVERLOADED_MESSAGE, None)
 
 
+def internal_error() -> ZaiError:
+    """HTTP 500, Z.AI's code 500 (server_error_percent)."""
+    return ZaiError(500, "500", "Internal Error", "api_error")
+
+
 # Codes `reject_code` can answer with (see `rejection`), in Z.AI's table order.
 REJECT_CODES = (
     "1113", "1302", "1303", "1304", "1305", "1308", "1309", "1310", "1311", "1312", "1313",

@@ -163,6 +163,18 @@ class EmulatorOptions:
             "wording. Other codes are refused."
         ),
     )
+    server_error_percent: float = field(
+        default=0.0,
+        metadata=_doc(
+            "0 = off. N in (0, 100]: N% of messages / chat-completions requests (not "
+            "count_tokens) are answered HTTP 500 with Z.AI's code 500 (Anthropic "
+            "api_error), after authentication and body validation and before the "
+            "limits. Spread evenly, not at random: each such request adds N/100 to a "
+            "running credit and fails when the credit reaches 1 (so 20 fails exactly "
+            "every fifth request). Per request (x-emulator-options) it makes one "
+            "variant's upstream fail, e.g. from a route's request_headers_to_add."
+        ),
+    )
     reject_models: str = field(
         default="",
         metadata=_doc(
@@ -359,6 +371,11 @@ def _check_ranges(o: EmulatorOptions) -> None:
         (o.quota_requests >= 0, "quota_requests", "must be >= 0 (0 = unlimited)"),
         (o.quota_reset_after >= 0, "quota_reset_after", "must be >= 0"),
         (o.error_after_events >= -1, "error_after_events", "must be >= -1"),
+        (
+            0 <= o.server_error_percent <= 100,
+            "server_error_percent",
+            "must be from 0 (off) to 100",
+        ),
         (o.disconnect_after_events >= -1, "disconnect_after_events", "must be >= -1"),
         (o.input_tokens >= -1, "input_tokens", "must be >= -1 (-1 = derive)"),
         (o.cache_read_tokens >= 0, "cache_read_tokens", "must be >= 0"),

@@ -112,8 +112,21 @@ def with_canary(doc: dict[str, Any], percent: int, note: str, now: float) -> dic
     return doc
 
 
+def unchanged(doc: dict[str, Any], percent: int) -> bool:
+    """Every weighted route already gives the canary exactly `percent` (as `with_canary` would)."""
+    weighted = _weighted(doc)
+    return bool(weighted) and all(
+        int(c.get("weight", 0)) == (Variant.of_suffixed(c["name"]) or Variant.PRODUCTION).share(percent)
+        for _, w in weighted for c in w.get("clusters") or [])
+
+
 def apply(path: Path, percent: int, note: str, now: float | None = None) -> Split:
-    doc = with_canary(load(path), percent, note, time.time() if now is None else now)
+    doc = load(path)
+    if unchanged(doc, percent):
+        # Envoy skips routes whose content did not change (and keeps the old version): the file
+        # stays as it is, so what it says and what Envoy serves still agree.
+        return split(doc)
+    doc = with_canary(doc, percent, note, time.time() if now is None else now)
     write_routes(path, doc)
     return split(doc)
 

@@ -40,7 +40,7 @@ KNOWN_CONTAINER_ENV = set(DEFAULTS) | {"ZAI_EMULATOR_KEY"}
 COMPOSE_ONLY_VARS = {"PUBLISH_ADDRESS", "ZAI_PROXY_UID", "ZAI_PROXY_GID"}
 ONE_SHOT = {"envoy-config", "weights"}  # run to completion, by `up` or by `docker compose run`
 # What a user's shell or .env supplies for `${VAR:?...}` when the tests interpolate.
-USER_ENV = {"ZAI_API_KEY": "test-key-not-real"}
+USER_ENV = {"ZAI_API_KEY": "test-key-not-real", "DASHBOARD_TOKEN": "test-token-not-real"}
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -629,3 +629,35 @@ def test_emulator_profile_flags_are_accepted_by_the_emulator():
     for var in ("ZAI_TARGET_URL", "ZAI_OPENAI_URL"):
         assert example[var].startswith(f"http://emulator:{args.port}/"), var
     assert not args.tls_cert and not args.tls_key
+
+
+# -------------------------------------------------------------------------------- dashboard
+
+
+def test_dashboard_scrapes_both_ext_procs_keeps_its_history_and_needs_its_token():
+    from urllib.parse import urlsplit
+
+    from extproc.dashboard.service import check
+    from extproc.dashboard.sources import discover
+
+    svcs = services()
+    dashboard = svcs["dashboard"]
+    assert cli_argv(dashboard) == ["dashboard"]
+    settings = Settings.from_env(environment(dashboard))
+    check(settings)  # bound beyond loopback, with a token: it starts
+    variants = variant_services(svcs)
+    targets = discover(settings)
+    assert {t.variant for t in targets} == set(variants)
+    for target in targets:
+        url = urlsplit(target.url)
+        service = variants[target.variant]
+        assert url.hostname == service
+        assert url.port == int(setting(environment(svcs[service]), "EXTPROC_ADMIN_PORT"))
+    assert [(p[1], p[2]) for p in published(dashboard)] == [(settings.dashboard_port,) * 2]
+    mounts = {target: source for source, target, _ in bind_mounts(dashboard)}
+    assert mounts[str(Path(settings.dashboard_db).parent)] in (load_compose().get("volumes") or {})
+    envoy_mounts = {target: source for source, target, _ in bind_mounts(svcs["envoy"])}
+    assert mounts[settings.envoy_routes_dir] == envoy_mounts[settings.envoy_routes_dir]
+    # Without a token compose refuses to start, saying what to set.
+    with pytest.raises(AssertionError, match="DASHBOARD_TOKEN"):
+        services({"ZAI_API_KEY": "test-key-not-real"})

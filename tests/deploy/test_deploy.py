@@ -49,11 +49,13 @@ from extproc.routing.envoy_config import listen_port, render, render_routes
 from extproc.proxy.keys import parse_key_file, parse_worker_keys
 from extproc.local.processes import free_port
 from extproc.telemetry.metrics import LimiterMetrics, Metrics
+from extproc.canary.metrics import CanaryMetrics
 from extproc.local.processes import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-KUSTOMIZATIONS = ["shared", "base", "overlays/production", "overlays/canary", "prometheus", "."]
+KUSTOMIZATIONS = ["shared", "base", "overlays/production", "overlays/canary", "prometheus", ".",
+                  "canary-controller", "dashboard"]
 SECRETS_FILE = DEPLOY / "secrets.example.yaml"
 FALLBACK_FILE = DEPLOY / "fallback" / "routes-production-only.yaml"
 RULES_FILE = DEPLOY / "prometheus" / "rules.yml"
@@ -300,6 +302,7 @@ def test_builds_produce_the_expected_objects(builds):
         ("Deployment", "zai-proxy-canary"), ("Service", "zai-proxy-pods-canary"),
         ("PodDisruptionBudget", "zai-proxy-canary"),
         ("ServiceMonitor", "zai-proxy"), ("PrometheusRule", "zai-proxy"),
+        ("ServiceMonitor", "zai-proxy-canary-controller"),
     }
     for variant in VARIANTS:
         overlay = by_kind_name(builds[f"overlays/{variant}"])
@@ -909,6 +912,7 @@ def exported_series() -> set[str]:
     registry = CollectorRegistry()
     Metrics("production", ["glm-4.7"], registry=registry)
     LimiterMetrics("production", registry).watch(lambda: {}, lambda: True)
+    CanaryMetrics(registry)  # the rollout controller's (deploy/canary-controller)
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count", ""],
                 "gauge": [""]}
     return {family.name + s for family in registry.collect() for s in suffixes[family.type]}
@@ -949,7 +953,8 @@ def test_runbook_commands_name_services_labels_and_deployments_that_exist(builds
     text = RUNBOOK.read_text()
     services = {name: r for (kind, name), r in everything.items() if kind == "Service"}
     service_ports = {name: {p["port"] for p in r["spec"]["ports"]} for name, r in services.items()}
-    deployments = {name for kind, name in everything if kind == "Deployment"}
+    deployments = {r["metadata"]["name"] for resources in builds.values() for r in resources
+                   if r["kind"] == "Deployment"}
     production = deployment(everything, "production")["spec"]["template"]["spec"]
     config = everything[("ConfigMap", "zai-proxy-config")]["data"]
 
@@ -1218,3 +1223,116 @@ def test_drain_gives_up_at_its_deadline(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ------------------------------------------------------------------ canary rollout controller
+
+def test_canary_controller_has_the_least_rbac_and_the_wiring_it_needs(builds, everything):
+    """deploy/canary-controller: one pod, its own service account with get and patch on the
+    routes ConfigMap only, settings that parse, state on a volume that outlives the pod, its
+    metrics where its Service and ServiceMonitor look, and a command line the CLI accepts."""
+    from extproc.cli import build_parser
+
+    objects = by_kind_name(builds["canary-controller"])
+    assert set(objects) == {("ServiceAccount", "zai-proxy-canary-controller"),
+                            ("Role", "zai-proxy-canary-controller"),
+                            ("RoleBinding", "zai-proxy-canary-controller"),
+                            ("PersistentVolumeClaim", "zai-proxy-canary-controller"),
+                            ("Deployment", "zai-proxy-canary-controller"),
+                            ("Service", "zai-proxy-canary-controller")}
+    assert ("ConfigMap", "zai-proxy-routes") in everything
+    role = objects[("Role", "zai-proxy-canary-controller")]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                              "resourceNames": ["zai-proxy-routes"], "verbs": ["get", "patch"]}]
+    binding = objects[("RoleBinding", "zai-proxy-canary-controller")]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": "zai-proxy-canary-controller"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "zai-proxy-canary-controller"}]
+
+    deploy = objects[("Deployment", "zai-proxy-canary-controller")]
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
+    spec = deploy["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "zai-proxy-canary-controller"
+    assert spec["automountServiceAccountToken"] is True
+    assert objects[("ServiceAccount", "zai-proxy-canary-controller")]["automountServiceAccountToken"] is False
+    [controller] = spec["containers"]
+    env = {e["name"]: e["value"] for e in controller["env"]}
+    # The command line's --release, not a setting; empty until a canary release is named, so
+    # applying the controller moves nothing by itself.
+    assert env.pop("CANARY_RELEASE") == ""
+    release = "v1.2.3"
+    assert set(env) <= SETTING_NAMES, sorted(set(env) - SETTING_NAMES)
+    settings = Settings.from_env(env)
+    assert settings.routes_configmap == (None, "zai-proxy-routes")
+    assert settings.prometheus_url
+    for path in (settings.canary_state_file, settings.canary_audit_file):
+        volume = mounted_volume(spec, controller, path)
+        claim = volume["persistentVolumeClaim"]["claimName"]
+        assert ("PersistentVolumeClaim", claim) in objects
+    ports = {p["name"]: p["containerPort"] for p in controller["ports"]}
+    assert ports["metrics"] == settings.canary_metrics_port
+    assert controller["livenessProbe"]["httpGet"]["port"] == "metrics"
+    assert controller["command"] == ["zai-proxy"]
+    args = [a.replace("$(CANARY_RELEASE)", release) for a in controller["args"]]
+    parsed = build_parser().parse_args(args)
+    assert parsed.canary_action == "rollout" and parsed.release == release and parsed.stay
+    assert parsed.steps == [5, 25, 50, 100] and parsed.settle >= 60
+
+    service = objects[("Service", "zai-proxy-canary-controller")]
+    assert selects(service["spec"]["selector"], deploy["spec"]["template"]["metadata"]["labels"])
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["metrics"]
+    monitor = everything[("ServiceMonitor", "zai-proxy-canary-controller")]
+    assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    # The ext_procs' ServiceMonitor does not pick the controller up (its alerts select job="zai-proxy").
+    gateway = everything[("ServiceMonitor", "zai-proxy")]["spec"]["selector"]["matchLabels"]
+    assert not selects(gateway, service["metadata"]["labels"])
+
+
+# ------------------------------------------------------------------------------- dashboard
+
+def test_dashboard_reads_prometheus_keeps_its_history_and_needs_its_token(builds, everything, secrets):
+    """deploy/dashboard: one pod (one writer of the history) reading Prometheus, its history on
+    a volume that outlives the pod, bound beyond loopback with its token from a Secret that
+    exists, the live split from the routes ConfigMap, probes and Service on its port, and a
+    command line the CLI accepts."""
+    from extproc.cli import build_parser
+    from extproc.dashboard.service import check
+
+    objects = by_kind_name(builds["dashboard"])
+    assert set(objects) == {("PersistentVolumeClaim", "zai-proxy-dashboard"),
+                            ("Deployment", "zai-proxy-dashboard"),
+                            ("Service", "zai-proxy-dashboard")}
+    deploy = objects[("Deployment", "zai-proxy-dashboard")]
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
+    spec = deploy["spec"]["template"]["spec"]
+    [dashboard] = spec["containers"]
+    assert dashboard["command"] == ["zai-proxy"]
+    assert build_parser().parse_args(dashboard["args"]).command == "dashboard"
+    env = effective_env(everything, dashboard)
+    assert set(env) <= SETTING_NAMES, sorted(set(env) - SETTING_NAMES)
+    settings = Settings.from_env(env)
+    check(settings)  # beyond loopback, with a token: it starts
+    assert settings.prometheus_url and settings.dashboard_address == "0.0.0.0"
+    [token] = [e["valueFrom"]["secretKeyRef"] for e in dashboard["env"] if e["name"] == "DASHBOARD_TOKEN"]
+    assert token["key"] in secrets[token["name"]], "the dashboard's token is not in secrets.example.yaml"
+    assert "DASHBOARD_TOKEN" in SECRET_SETTINGS
+    # The history on the claim; the split from the routes ConfigMap the gateway pods mount.
+    claim = mounted_volume(spec, dashboard, settings.dashboard_db)["persistentVolumeClaim"]["claimName"]
+    assert ("PersistentVolumeClaim", claim) in objects
+    routes = mount_for(dashboard, settings.envoy_routes_dir + "/routes.yaml")
+    assert routes.get("readOnly") is True
+    assert volume_named(spec, routes["name"])["configMap"]["name"] == "zai-proxy-routes"
+    assert ("ConfigMap", "zai-proxy-routes") in everything
+    # Port, probes and Service.
+    ports = {p["name"]: p["containerPort"] for p in dashboard["ports"]}
+    assert ports["http"] == settings.dashboard_port
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert dashboard[probe]["httpGet"] == {"path": "/health", "port": "http"}  # open: no token
+    service = objects[("Service", "zai-proxy-dashboard")]
+    assert selects(service["spec"]["selector"], deploy["spec"]["template"]["metadata"]["labels"])
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+    # Not a gateway pod: neither the entrances nor the ServiceMonitor pick it up.
+    gateway = everything[("ServiceMonitor", "zai-proxy")]["spec"]["selector"]["matchLabels"]
+    assert not selects(gateway, service["metadata"]["labels"])
+    assert dashboard["securityContext"]["readOnlyRootFilesystem"] is True

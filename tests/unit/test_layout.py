@@ -17,7 +17,9 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"proxy"}),                       # the ext_proc edge and per-request sessions
     frozenset({"telemetry"}),                   # metrics, the usage record, logs, admin HTTP
     frozenset({"routing"}),                     # Envoy configuration and weights
+    frozenset({"canary"}),                      # canary analysis and the rollout that moves weights
     frozenset({"server"}),                      # wires one ext_proc process together
+    frozenset({"dashboard"}),                   # history, JSON API, live updates, usage report
     frozenset({"local"}),                       # the local stack of processes
     frozenset({"cli", "__main__"}),             # the command line
 )
