@@ -472,19 +472,21 @@ class Settings:
     model_map: tuple[tuple[str, str], ...] | None = setting(
         "MODEL_MAP", parse_model_map, None,
         "MODEL_MAP=claude-sonnet-*=glm-4.7,claude-opus-*=glm-4.7,claude-haiku-*=glm-4.5-air",
-        "Rewrites the model a request names, so the fleet's model changes in one place: "
-        "`pattern=model` pairs separated by commas, where a pattern is an exact name or an "
-        "fnmatch glob (`*`, `?`, `[...]`), matched ignoring case; the first match wins, a model "
-        "no pattern matches is sent as named. Only the body's top-level `model` value changes. "
-        "The usage record and metrics keep both the requested and the served model. Unset: "
-        "bodies are not read on their way upstream.")
+        "Rewrites the model requests name, so the fleet's model changes in one place: "
+        "`pattern=model` pairs separated by commas; a pattern is an exact name or an fnmatch glob "
+        "(`*`, `?`, `[...]`), matched ignoring case, and the first match wins; a model no pattern "
+        "matches is sent as named. Only the body's top-level `model` value changes. The usage "
+        "record keeps the requested and the served model. With this or `MODEL_FALLBACKS` set, "
+        "each upstream attempt waits for the ext_proc to read its body; with neither, bodies are "
+        "not read on their way upstream.")
     model_fallbacks: tuple[tuple[str, ...], ...] | None = setting(
         "MODEL_FALLBACKS", parse_model_fallbacks, None,
         "MODEL_FALLBACKS=glm-5.1>glm-4.7>glm-4.5-air",
-        "Chains of models separated by `>` (several chains separated by commas; each model has "
-        "at most one next model, and no loops): an attempt Z.AI refuses for its model (1312 model overloaded, 1311 "
-        "model not in the plan) is retried on the chain's next model (after `MODEL_MAP`); at "
-        "the chain's end the client gets Z.AI's last error. Retries count against `MAX_RETRIES`.")
+        "Chains of models separated by `>`, several chains separated by commas (each model has "
+        "one next model at most, and no loops): an attempt Z.AI refuses for its model (1312 "
+        "model overloaded, 1311 model not in the plan) is retried on the next model of its chain "
+        "(the model after `MODEL_MAP`); at the chain's end the client gets Z.AI's last error. "
+        "These retries count against `MAX_RETRIES`.")
     rate_limit_initial: int = setting(
         "RATE_LIMIT_INITIAL", parse_positive_int, "3", "RATE_LIMIT_INITIAL=3",
         "Concurrent requests allowed upstream before the limiter has learned anything.")

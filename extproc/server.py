@@ -35,6 +35,7 @@ from extproc.accounting.estimator import TiktokenEstimator
 from extproc.proxy.servicer import ExternalProcessor
 from extproc.proxy.gateway import Claims, Gateway
 from extproc.proxy.models import ModelRules
+from extproc.telemetry.model_metrics import ModelMetrics
 from extproc.accounting.tokens import TokenCounter
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,13 @@ class Service:
         settings.require_upstream_key()
         self.settings = settings
         self.upstream_key = UpstreamKey(settings.api_key, settings.api_key_file)
-        self.metrics = Metrics(settings.deployment_variant, settings.model_labels)
+        rules = ModelRules.of(settings)
+        # The models MODEL_MAP and MODEL_FALLBACKS name are configured too: labels of their own.
+        self.metrics = Metrics(settings.deployment_variant,
+                               settings.model_labels + rules.label_models())
+        self.model_metrics = (ModelMetrics(settings.deployment_variant, rules,
+                                           self.metrics.model_label, self.metrics.registry)
+                              if rules.active else None)
         prices = load_prices(settings.prices_file)
         self.limiter_metrics = LimiterMetrics(settings.deployment_variant, self.metrics.registry)
         account = fingerprint(self.upstream_key.current())
@@ -123,7 +130,8 @@ class Service:
         worker_labels = WorkerLabels(self.limiter.store, account, settings.worker_label_limit,
                                      worker_keys.is_named)
         self.reporter = Reporter(self.metrics, prices, settings.deployment_variant,
-                                 worker_labels=worker_labels, pacer=self.pacer)
+                                 worker_labels=worker_labels, pacer=self.pacer,
+                                 models=self.model_metrics)
         self.metrics.registry.register(WorkerQueueCollector(
             settings.deployment_variant, self.limiter.admission.queue.waiting, worker_labels.known))
         self.gateway = Gateway(self.upstream_key, worker_keys,
@@ -134,7 +142,9 @@ class Service:
                                # One record per request across replicas: claims live where the
                                # limiter's shared state does (Redis with REDIS_URL).
                                claims=Claims(self.limiter.store),
-                               models=ModelRules.of(settings))
+                               models=rules)
+        if self.model_metrics is not None:
+            self.gateway.on_chain = self.model_metrics.on_chain
         self.serving = False
 
     def on_attempt(self, verdict: AttemptVerdict) -> None:

@@ -6,6 +6,13 @@ Z.AI puts the reason for a 429 in the body (a business code), but Envoy decides 
 headers. So for a 429 or 5xx the body is buffered, classified, and a header tells Envoy's retry
 policy (`retriable_headers`) whether to retry: yes for 1302/1303/1305 and 5xx, never for quota
 errors (1304/1308/1309/1113), which close the quota gate instead.
+
+With `MODEL_MAP` or `MODEL_FALLBACKS` set, the filter also gets each attempt's request body
+(extproc/proxy/models.py): the attempt goes out with the chosen model, and a 1312/1311 refusal of
+a model in a chain is retried on the chain's next model, or not at all at its end. Where the
+request stands travels in Envoy's dynamic metadata (`zai_proxy`: `model`, `requested_model`,
+`fallback_model`): an upstream filter's metadata is the request's, so the next attempt reads it
+whichever ext_proc process it reaches.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from typing import Callable, Mapping
 import orjson
 
 from extproc.limiter.signals import Signal, business_code, classify, retryable
+from extproc.proxy.answers import BodyChange, HeaderChanges
+from extproc.proxy.models import NOT_OURS, ModelRules, rewrite_async
 from extproc.proxy.upstream_errors import annotate
 from extproc.accounting.usage import error_fields
 
@@ -43,13 +52,40 @@ def _message(doc: object) -> str | None:
 class AttemptSession:
     """Driven by the upstream filter's phases; reports one verdict per attempt."""
 
-    __slots__ = ("report", "status", "retry_after", "reported")
+    __slots__ = ("report", "status", "retry_after", "reported", "models", "model",
+                 "fallen_back_to", "moved_to", "chain_code")
 
-    def __init__(self, report: Report) -> None:
+    def __init__(self, report: Report, models: ModelRules | None = None) -> None:
         self.report = report
         self.status = 0
         self.retry_after: str | None = None
         self.reported = False
+        self.models = models if models is not None and models.active else None
+        self.model: str | None = None  # the model this attempt went out with (bodies read)
+        self.fallen_back_to: str | None = None  # where an earlier attempt moved the request
+        self.moved_to: str | None = None  # where this attempt's refusal moves it
+        self.chain_code: str | None = None  # the model refusal a chain decided (moved or ended)
+
+    # -- the request (only with model rules: the renderer sends bodies then) ----------------------
+
+    def on_request_metadata(self, fallen_back_to: str | None) -> None:
+        """The request's `fallback_model`, from the dynamic metadata of an earlier attempt."""
+        if fallen_back_to:
+            self.fallen_back_to = fallen_back_to
+
+    async def on_request_body(self, body: bytes) -> tuple[BodyChange | None, dict[str, object] | None]:
+        """(the body to send instead, or None; the metadata to record where the request stands)."""
+        if self.models is None:
+            return None, None
+        chosen = await rewrite_async(self.models, body, self.fallen_back_to)
+        self.model = chosen.model
+        if chosen.requested is None:
+            return None, None
+        metadata: dict[str, object] = {"requested_model": chosen.requested, "model": chosen.model}
+        if chosen.body is None:
+            return None, metadata
+        return BodyChange(chosen.body, HeaderChanges(
+            set=(("content-length", str(len(chosen.body))),))), metadata
 
     def on_response_headers(self, headers: Mapping[str, str], end_of_stream: bool) -> tuple[bool, tuple[tuple[str, str], ...]]:
         """(buffer the body?, headers to set now)."""
@@ -82,4 +118,12 @@ class AttemptSession:
         err_type, code = error_fields(doc)
         signal = classify(self.status, code, err_type)
         self.report(AttemptVerdict(signal, code, _message(doc), self.retry_after))
-        return ((RETRY_HEADER, "true"),) if retryable(signal) and self.status >= 400 else ()
+        if self.status < 400:
+            return ()
+        fallback = (self.models.after_failure(self.model, business_code(code, err_type))
+                    if self.models is not None else NOT_OURS)
+        if fallback.decides:  # a model refusal of a model in a chain: the chain decides
+            self.moved_to = fallback.next_model
+            self.chain_code = business_code(code, err_type)
+            return ((RETRY_HEADER, "true"),) if fallback.next_model is not None else ()
+        return ((RETRY_HEADER, "true"),) if retryable(signal) else ()

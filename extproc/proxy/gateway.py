@@ -12,6 +12,7 @@ from extproc.limiter.account import AccountLimiter
 from extproc.limiter.signals import Signal
 from extproc.proxy.attempt import AttemptVerdict
 from extproc.proxy.keys import UpstreamKey, WorkerKeys
+from extproc.proxy.models import ModelRules
 from extproc.proxy.outcome import Recorder
 
 # How long a request whose observer stream has not claimed it yet waits for that stream before
@@ -78,6 +79,10 @@ class Gateway:
     # stream that lands here tells its request that Z.AI took it (the limiter's load). Only a
     # refinement: the record never depends on finding its request here.
     admitted: dict[str, Callable[[], None]] = field(default_factory=dict)
+    # MODEL_MAP and MODEL_FALLBACKS, applied per upstream attempt by the attempt filter, and
+    # each decision a fallback chain takes (model, next model or None, code) for the metrics.
+    models: ModelRules = field(default_factory=ModelRules)
+    on_chain: Callable[[str, str | None, str], None] = lambda model, next_model, code: None
 
     def upstream_answered(self, session: str) -> None:
         """Z.AI accepted a request (a 2xx started): its slot now counts as load on the account."""

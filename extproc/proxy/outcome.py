@@ -40,7 +40,9 @@ class Outcome:
     duration: float
     completed: bool  # the response reached its end (vs. cut short / client gone)
     requested_model: str | None = None
-    model: str | None = None  # as the response named it, else as requested
+    # The served model: as the response named it, else as the last attempt was sent (MODEL_MAP,
+    # MODEL_FALLBACKS), else as requested.
+    model: str | None = None
     tokens: Tokens | None = None  # None: no tokens to account (rejected before upstream)
     time_to_first_token: float | None = None
     error_type: str | None = None

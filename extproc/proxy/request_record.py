@@ -50,6 +50,10 @@ class RequestRecord:
     went_upstream: bool = True  # False: answered by the gateway itself (no tokens)
     agent_session: str | None = None  # from the client's session header (X-Claude-Code-Session-Id)
     recorded: bool = False
+    # The model the last upstream attempt was sent with, when MODEL_MAP / MODEL_FALLBACKS changed
+    # it (the attempt filter says so in Envoy's dynamic metadata); the client's body names the
+    # requested one.
+    attempted_model: str | None = None
     _input_count: asyncio.Future[int] | None = None
     _request_parts: list[bytes] = field(default_factory=list)
     _request_size: int = 0
@@ -132,7 +136,8 @@ class RequestRecord:
         return await self.gateway.recorder.record(Outcome(
             endpoint=self.endpoint, worker=self.worker, request_id=self.request_id, status=status,
             duration=max(0.0, self.gateway.clock() - self.started), completed=completed,
-            requested_model=requested, model=facts.model or requested, tokens=tokens,
+            requested_model=requested, model=facts.model or self.attempted_model or requested,
+            tokens=tokens,
             time_to_first_token=None if first is None else max(0.0, first - self.started),
             error_type=facts.error_type, error_code=facts.error_code,
             malformed_request=self.info.malformed if self.info is not None else None,

@@ -80,6 +80,15 @@ def with_metadata(response: pb.ProcessingResponse, fields: dict[str, object] | N
     return response
 
 
+def _metadata_string(request: pb.ProcessingRequest, key: str) -> str | None:
+    """A string in the forwarded `zai_proxy` dynamic metadata of `request`, or None."""
+    fields = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
+    value = fields.fields.get(key) if fields is not None else None
+    if value is None or value.WhichOneof("kind") != "string_value" or not value.string_value:
+        return None
+    return value.string_value
+
+
 _BUFFER_RESPONSE_BODY = processing_mode_pb2.ProcessingMode(
     response_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED)
 
@@ -127,6 +136,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     yield _REQUEST_BODY_OK if change is None else self._body_change(change)
                 elif phase == "response_headers":
                     headers = request.response_headers
+                    if session.record is not None:  # the model the attempt filter sent (model rules)
+                        session.record.attempted_model = _metadata_string(request, "model")
                     fields = await session.response_headers(header_map(headers), headers.end_of_stream)
                     yield _RESPONSE_HEADERS_OK if fields is None else with_metadata(
                         pb.ProcessingResponse(response_headers=pb.HeadersResponse()), fields)
@@ -144,7 +155,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 
     async def _attempt(self, request_iterator: AsyncIterator[pb.ProcessingRequest]) -> AsyncIterator[pb.ProcessingResponse]:
         """One upstream attempt (Envoy's upstream filter): classify it, mark retryable 429s."""
-        attempt = AttemptSession(self.gateway.on_attempt)
+        attempt = AttemptSession(self.gateway.on_attempt, self.gateway.models)
         async for request in request_iterator:
             phase = request.WhichOneof("request")
             if phase == "response_headers":
@@ -160,11 +171,22 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 common = pb.CommonResponse(header_mutation=mutation(HeaderChanges(set=changes)))
                 if body is not None:  # Z.AI's refusal with the gateway's hint
                     common.body_mutation.body = body
-                yield pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
+                if attempt.chain_code is not None and attempt.model is not None:
+                    self.gateway.on_chain(attempt.model, attempt.moved_to, attempt.chain_code)
+                yield with_metadata(pb.ProcessingResponse(response_body=pb.BodyResponse(response=common)),
+                                    {"fallback_model": attempt.moved_to} if attempt.moved_to else None)
             elif phase == "request_headers":
+                # Sent only with model rules (MODEL_MAP / MODEL_FALLBACKS), as is the body.
+                attempt.on_request_metadata(_metadata_string(request, "fallback_model"))
                 yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
             elif phase == "request_body":
-                yield _REQUEST_BODY_OK
+                attempt.on_request_metadata(_metadata_string(request, "fallback_model"))
+                change, fields = await attempt.on_request_body(request.request_body.body)
+                if change is None and not fields:
+                    yield _REQUEST_BODY_OK
+                else:  # a fresh message: the prebuilt answer is shared
+                    yield with_metadata(pb.ProcessingResponse(request_body=pb.BodyResponse())
+                                        if change is None else self._body_change(change), fields)
 
     async def _observer(self, request_iterator: AsyncIterator[pb.ProcessingRequest]) -> None:
         """The observer's stream: copies of one request's bodies and response headers, sent by
@@ -195,6 +217,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 elif phase == "response_headers":
                     headers = request.response_headers
                     if observation is not None:
+                        # The model the attempt filter sent upstream (model rules), if it did.
+                        observation.record.attempted_model = _metadata_string(request, "model")
                         observation.on_response_headers(header_map(headers), headers.end_of_stream)
                     if headers.end_of_stream:
                         break

@@ -28,6 +28,8 @@ import yaml
 
 from extproc.api import OPENAI_PATH_REGEX
 from extproc.config import Settings, UpstreamUrl
+from extproc.proxy.models import ModelRules
+from extproc.proxy.ticket import METADATA_NAMESPACE
 from extproc.variants import DEFAULT, Variant
 
 # The templates ship inside the package (also reachable as the repository's top-level envoy/).
@@ -132,11 +134,15 @@ def render(settings: Settings, replicas: Replicas | None = None) -> dict[str, An
     hcm["local_reply_config"]["mappers"].extend(local_reply_mappers(values))
     router = hcm["http_filters"][-1]["typed_config"]
     attempt_filters = router.pop("upstream_http_filters")
+    if ModelRules.of(settings).active:
+        _read_attempt_bodies(hcm, attempt_filters, values)
     clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
     _adapt_upstream(clusters["zai_anthropic"], settings.anthropic_url)
     _adapt_upstream(clusters["zai_openai"], settings.openai_url)
     bootstrap["static_resources"]["clusters"] = _variant_clusters(clusters, attempt_filters, settings,
                                                                   replicas or {})
+    if ModelRules.of(settings).active:
+        _attempt_connections(bootstrap["static_resources"]["clusters"])
     for http_filter in hcm["http_filters"]:
         if http_filter["typed_config"]["@type"] == EXT_PROC_TYPE:
             http_filter["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = \
@@ -151,6 +157,53 @@ def render(settings: Settings, replicas: Replicas | None = None) -> dict[str, An
         "path_config_source": {"path": f"{directory}/{ROUTES_FILE}",
                                "watched_directory": {"path": directory}}}}
     return bootstrap
+
+
+def _read_attempt_bodies(hcm: dict[str, Any], attempt_filters: list[dict[str, Any]],
+                         values: dict[str, str]) -> None:
+    """With MODEL_MAP or MODEL_FALLBACKS: every upstream attempt's request waits for the attempt
+    filter, which sets the attempt's model in the body (extproc/proxy/models.py). The filter
+    keeps where the request stands in the `zai_proxy` dynamic metadata (an upstream filter's
+    metadata is the request's: the next attempt, the observer and the access log read it), and
+    the request filter reads it too (inline routes record the served model). Without them nothing
+    here is rendered: attempts are not held, and bodies reach only the request-level filters."""
+    attempt = attempt_filters[0]["typed_config"]["extension_config"]["typed_config"]
+    # Headers SEND: with them skipped, Envoy 1.40's upstream ext_proc does not hold a BUFFERED body.
+    attempt["processing_mode"] |= {"request_header_mode": "SEND", "request_body_mode": "BUFFERED"}
+    attempt["metadata_options"] = {"forwarding_namespaces": {"untyped": [METADATA_NAMESPACE]},
+                                   "receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}}
+    # It holds the request now, so it gets the time any ext_proc answer gets.
+    attempt["message_timeout"] = values["EXTPROC_MESSAGE_TIMEOUT"]
+    request_filter = hcm["http_filters"][0]["typed_config"]
+    request_filter["metadata_options"]["forwarding_namespaces"] = {"untyped": [METADATA_NAMESPACE]}
+
+
+# The attempt filter's own connections to the ext_proc when it holds request bodies: buffers no
+# single body, nor many at once, can fill (see _attempt_connections).
+ATTEMPT_CONNECTION_BUFFER = 1 << 30
+ATTEMPT_WINDOW = (1 << 31) - 1
+
+
+def _attempt_connections(clusters: list[dict[str, Any]]) -> None:
+    """The attempt filters talk to their variant's ext_proc over connections of their own, with
+    buffers and HTTP/2 windows no request body fills. Measured on Envoy 1.40: while an attempt
+    filter holds a request (its body on the way to the ext_proc), a full HTTP/2 connection to the
+    ext_proc (the observer sending its copy of a body of 1 MB or more is enough) raises a
+    flow-control callback on every stream over it, and in the upstream filter that crashes Envoy
+    (a null dereference) every time; over its own connection it does not."""
+    by_name = {c["name"]: c for c in clusters}
+    for variant in Variant:
+        own = copy.deepcopy(by_name[variant.suffixed("extproc")])
+        own["name"] = own["load_assignment"]["cluster_name"] = variant.suffixed("extproc_attempts")
+        own["per_connection_buffer_limit_bytes"] = ATTEMPT_CONNECTION_BUFFER
+        own["typed_extension_protocol_options"][HTTP_OPTIONS]["explicit_http_config"] = {
+            "http2_protocol_options": {"initial_stream_window_size": ATTEMPT_WINDOW,
+                                       "initial_connection_window_size": ATTEMPT_WINDOW}}
+        clusters.append(own)
+        for name in ("zai_anthropic", "zai_openai"):
+            options = by_name[variant.suffixed(name)]["typed_extension_protocol_options"]
+            attempt = options[HTTP_OPTIONS]["http_filters"][0]["typed_config"]["extension_config"]["typed_config"]
+            attempt["grpc_service"]["envoy_grpc"]["cluster_name"] = own["name"]
 
 
 def _variant_clusters(clusters: dict[str, Any], attempt_filters: list[dict[str, Any]],

@@ -21,6 +21,7 @@ from extproc.proxy.outcome import Outcome
 # LLM requests run from sub-second to many minutes.
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300, 450, 600, 900)
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120)
+QUEUE_WAIT_BUCKETS = (0, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 
 OTHER = "other"
 # Z.AI business codes (see ARCHITECTURE.md) and Anthropic/OpenAI error types worth a label.
@@ -59,16 +60,18 @@ class Metrics:
             "included) and errors inside a 200 stream — by class and Z.AI business code.",
             ("deployment_variant", "error_class", "code"), registry=r)
         # Per worker: `worker` is bounded by WorkerLabels (named workers, then WORKER_LABEL_LIMIT
-        # fingerprints, then "other").
+        # fingerprints, then "other"); `model` as on the series above (configured set, else
+        # "other"), so usage per worker and model (the dashboard's usage report) needs no log store.
         self.worker_tokens = Counter(
-            "zai_proxy_worker_tokens", "Tokens by worker and direction (reported or estimated).",
-            ("deployment_variant", "worker", "direction"), registry=r)
+            "zai_proxy_worker_tokens", "Tokens by worker, model and direction (reported or estimated).",
+            ("deployment_variant", "worker", "model", "direction"), registry=r)
         self.worker_requests = Counter(
-            "zai_proxy_worker_requests", "Requests by worker and final HTTP status.",
-            ("deployment_variant", "worker", "status"), registry=r)
+            "zai_proxy_worker_requests", "Requests by worker, model and final HTTP status.",
+            ("deployment_variant", "worker", "model", "status"), registry=r)
         self.worker_cost = Counter(
-            "zai_proxy_worker_estimated_cost_usd", "Estimated cost by worker, from the price table.",
-            ("deployment_variant", "worker"), registry=r)
+            "zai_proxy_worker_estimated_cost_usd",
+            "Estimated cost by worker and model, from the price table.",
+            ("deployment_variant", "worker", "model"), registry=r)
         self.in_progress = Gauge("zai_proxy_requests_in_progress", "Requests being processed now.",
                                  ("deployment_variant",), registry=r).labels(variant)
         build = Gauge("zai_proxy_build_info", "Build information (value is always 1).",
@@ -116,13 +119,14 @@ class Metrics:
 
     def _record_worker(self, outcome: Outcome, cost: float | None, worker: str,
                        status: str) -> None:
-        self._child(self.worker_requests, worker, status).inc()
+        model = self.model_label(outcome.model)
+        self._child(self.worker_requests, worker, model, status).inc()
         if outcome.tokens is not None:
             for direction, count in outcome.tokens.by_direction().items():
                 if count:
-                    self._child(self.worker_tokens, worker, direction).inc(count)
+                    self._child(self.worker_tokens, worker, model, direction).inc(count)
         if cost:
-            self._child(self.worker_cost, worker).inc(cost)
+            self._child(self.worker_cost, worker, model).inc(cost)
 
     def upstream_error(self, error_class: str, code: str | None) -> None:
         self._child(self.upstream_errors, error_class, code_label(code)).inc()
@@ -140,8 +144,7 @@ class LimiterMetrics:
         labels = ("deployment_variant",)
         self.queue_wait = Histogram(
             "zai_proxy_rate_limit_queue_wait_seconds", "Time a request waited for admission.",
-            labels, registry=registry,
-            buckets=(0, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)).labels(variant)
+            labels, registry=registry, buckets=QUEUE_WAIT_BUCKETS).labels(variant)
         self.adjustments = Counter("zai_proxy_rate_limit_adjustments",
                                    "Changes of the learned limits, by limit and direction.",
                                    ("deployment_variant", "limit", "direction"), registry=registry)

@@ -10,6 +10,7 @@ from typing import Callable
 
 from extproc.limiter.pacing import Pacer
 from extproc.telemetry.metrics import Metrics
+from extproc.telemetry.model_metrics import ModelMetrics
 from extproc.telemetry.worker_labels import WorkerLabels
 from extproc.telemetry.pricing import PriceTable
 from extproc.proxy.outcome import Outcome
@@ -21,13 +22,14 @@ class Reporter:
     def __init__(self, metrics: Metrics, prices: PriceTable, variant: str,
                  wall_clock: Callable[[], float] = time.time,
                  worker_labels: WorkerLabels | None = None,
-                 pacer: Pacer | None = None) -> None:
+                 pacer: Pacer | None = None, models: ModelMetrics | None = None) -> None:
         self.metrics = metrics
         self.prices = prices
         self.variant = variant
         self.wall_clock = wall_clock
         self.worker_labels = worker_labels
         self.pacer = pacer  # counts the tokens spent between quota reports
+        self.models = models  # requested vs served model (only with MODEL_MAP / MODEL_FALLBACKS)
 
     async def record(self, outcome: Outcome) -> dict[str, object]:
         tokens = outcome.tokens
@@ -36,6 +38,8 @@ class Reporter:
         worker = (await self.worker_labels.label(outcome.worker)
                   if self.worker_labels is not None else None)
         self.metrics.record(outcome, cost, worker)
+        if self.models is not None:
+            self.models.record(outcome)
         if self.pacer is not None and tokens is not None:
             self.pacer.count(tokens.input + tokens.output + tokens.cache_read + tokens.cache_write)
         fields = usage_fields(outcome, self.variant, cost)
