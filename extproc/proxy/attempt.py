@@ -29,6 +29,7 @@ from extproc.proxy.upstream_errors import annotate
 from extproc.accounting.usage import error_fields
 
 RETRY_HEADER = "x-zai-proxy-retry"
+DEFAULT_RETRY_AFTER = "1"  # seconds, for retried refusals that name no time
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,13 @@ class AttemptSession:
             doc = None
         changes = self._verdict(doc)
         error_type, code = error_fields(doc)
-        annotated = annotate(body, self.status, business_code(code, error_type))
+        zai_code = business_code(code, error_type)
+        if self.retry_after is None and RETRY_HEADER in dict(changes) and self.status in (429, 503, 529):
+            # Z.AI sends no retry-after on 1302/1303/1305/1312: say when to come back (Envoy's
+            # back-off reads it too, and the client gets it if this is the last attempt).
+            changes += (("retry-after", DEFAULT_RETRY_AFTER),)
+        annotated = annotate(body, self.status, zai_code, suggested_model=self.moved_to,
+                             refused_model=self.model)
         if annotated is None:
             return changes, None
         return changes + (("content-length", str(len(annotated))),), annotated

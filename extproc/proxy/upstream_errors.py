@@ -30,21 +30,31 @@ def _openai_type(status: int) -> str:
     return _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
-def hint_for(code: str | None, suggested_model: str | None = None) -> str | None:
+EXAMPLE_MODEL = "glm-4.7"
+
+
+def hint_for(code: str | None, suggested_model: str | None = None,
+             refused_model: str | None = None) -> str | None:
     known = lookup(code)
     if known is None:
         return None
     if code == "1311":
-        instead = suggested_model or "a model the plan includes (for example glm-4.7)"
+        if suggested_model and suggested_model != refused_model:
+            instead = suggested_model
+        elif refused_model != EXAMPLE_MODEL:
+            instead = f"a model the plan includes (for example {EXAMPLE_MODEL})"
+        else:
+            instead = "a model the plan includes"
         return f"{known.hint} Use {instead} instead."
     return known.hint
 
 
-def annotate(body: bytes, status: int, code: str | None,
-             suggested_model: str | None = None) -> bytes | None:
+def annotate(body: bytes, status: int, code: str | None, suggested_model: str | None = None,
+             refused_model: str | None = None) -> bytes | None:
     """The error body the client should get, or None to pass `body` as it is (not a Z.AI error
-    we know, already annotated, or not JSON)."""
-    hint = hint_for(code, suggested_model)
+    we know, already annotated, or not JSON). `suggested_model`: where MODEL_FALLBACKS would go
+    next; `refused_model`: the model this attempt asked for (never suggested)."""
+    hint = hint_for(code, suggested_model, refused_model)
     if hint is None or len(body) > MAX_BODY_BYTES:
         return None
     try:

@@ -80,3 +80,12 @@ def test_openai_refusal_keeps_its_shape_and_1311_names_a_model():
 def test_bodies_that_are_not_a_zai_error_pass_untouched(body):
     assert annotate(body, 429, "1302") is None
     assert annotate(b'{"error":{"message":"x"}}', 429, "99999") is None  # unknown code
+
+
+def test_1311_never_suggests_the_refused_model():
+    body = orjson.dumps({"error": {"code": "1311", "message": "no access to glm-4.7"}})
+    message = orjson.loads(annotate(body, 429, "1311", refused_model="glm-4.7"))["error"]["message"]
+    assert "glm-4.7 instead" not in message and "Use a model the plan includes instead." in message
+    message = orjson.loads(annotate(body, 429, "1311", suggested_model="glm-4.5-air",
+                                    refused_model="glm-4.7"))["error"]["message"]
+    assert message.endswith("Use glm-4.5-air instead.]")
