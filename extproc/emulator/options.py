@@ -211,7 +211,9 @@ class EmulatorOptions:
         ),
     )
     quota_window_tokens: int = field(
-        default=40_000_000,
+        # Large enough that test suites and trials with multi-MB bodies do not spend it by
+        # accident (a spent window closes the gateway's quota gate); tests set it small.
+        default=2_000_000_000,
         metadata=_doc(
             "Allowance of the 5-hour window, in tokens (>= 1). Each completed "
             "messages / chat-completions response adds its input + output + cache "
@@ -220,7 +222,7 @@ class EmulatorOptions:
         ),
     )
     quota_weekly_tokens: int = field(
-        default=400_000_000,
+        default=20_000_000_000,
         metadata=_doc(
             "Allowance of the weekly window, in tokens (>= 1); spent -> 429 code 1310."
         ),

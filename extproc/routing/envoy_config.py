@@ -141,12 +141,13 @@ def render(settings: Settings, replicas: Replicas | None = None) -> dict[str, An
     _adapt_upstream(clusters["zai_openai"], settings.openai_url)
     bootstrap["static_resources"]["clusters"] = _variant_clusters(clusters, attempt_filters, settings,
                                                                   replicas or {})
-    if ModelRules.of(settings).active:
-        _attempt_connections(bootstrap["static_resources"]["clusters"])
+    _attempt_connections(bootstrap["static_resources"]["clusters"])
+    _observer_connections(bootstrap["static_resources"]["clusters"])
     for http_filter in hcm["http_filters"]:
         if http_filter["typed_config"]["@type"] == EXT_PROC_TYPE:
+            own = "extproc_observer" if http_filter["name"] == OBSERVER_FILTER else "extproc"
             http_filter["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = \
-                DEFAULT.suffixed("extproc")
+                DEFAULT.suffixed(own)
     template_routes = hcm.pop("route_config")
     listener = bootstrap["static_resources"]["listeners"][0]
     bootstrap["static_resources"]["listeners"].extend(
@@ -206,6 +207,23 @@ def _attempt_connections(clusters: list[dict[str, Any]]) -> None:
             attempt["grpc_service"]["envoy_grpc"]["cluster_name"] = own["name"]
 
 
+def _observer_connections(clusters: list[dict[str, Any]]) -> None:
+    """The observer's copies of bodies go over connections of their own: a body of megabytes
+    fills an HTTP/2 connection's window, and Envoy 1.40 then raises flow-control callbacks on
+    every stream of that connection, which crashes it in the other ext_proc filters (measured:
+    concurrent 1-8 MB bodies). Its connections get windows no body fills (the ext_proc reads
+    them as fast as it can; the copies are bounded by MAX_REQUEST_BODY_BYTES per request)."""
+    by_name = {c["name"]: c for c in clusters}
+    for variant in Variant:
+        own = copy.deepcopy(by_name[variant.suffixed("extproc")])
+        own["name"] = own["load_assignment"]["cluster_name"] = variant.suffixed("extproc_observer")
+        own["per_connection_buffer_limit_bytes"] = ATTEMPT_CONNECTION_BUFFER
+        own["typed_extension_protocol_options"][HTTP_OPTIONS]["explicit_http_config"] = {
+            "http2_protocol_options": {"initial_stream_window_size": ATTEMPT_WINDOW,
+                                       "initial_connection_window_size": ATTEMPT_WINDOW}}
+        clusters.append(own)
+
+
 def _variant_clusters(clusters: dict[str, Any], attempt_filters: list[dict[str, Any]],
                       settings: Settings, replicas: Replicas) -> list[dict[str, Any]]:
     out = [c for name, c in clusters.items() if name not in PER_VARIANT_CLUSTERS]
@@ -245,7 +263,8 @@ def _extproc_override(variant: Variant, inline: bool) -> dict[str, Any]:
         observer: dict[str, Any] = {"@type": EXT_PROC_PER_ROUTE, "disabled": True}
     else:
         # An overriding grpc_service replaces the filter's whole one, its metadata included.
-        observed = {**service, "initial_metadata": [{"key": "x-zai-proxy-phase", "value": "observer"}]}
+        observed = {"envoy_grpc": {"cluster_name": variant.suffixed("extproc_observer")},
+                    "initial_metadata": [{"key": "x-zai-proxy-phase", "value": "observer"}]}
         observer = {"@type": EXT_PROC_PER_ROUTE, "overrides": {"grpc_service": observed}}
     return {EXT_PROC_FILTER: {"@type": EXT_PROC_PER_ROUTE, "overrides": main},
             OBSERVER_FILTER: observer}

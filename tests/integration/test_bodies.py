@@ -86,3 +86,28 @@ def test_deep_nesting_and_huge_integers_pass_untouched(stack, path, headers):
     got = received(stack, rid)
     # Nesting deeper than the gateway's JSON reader takes: forwarded exactly as sent.
     assert got == raw
+
+
+def test_concurrent_multi_megabyte_bodies_keep_envoy_up(stack):
+    """Envoy 1.40 crashed (SIGSEGV) when the observer's copies of several MB-sized bodies filled
+    the HTTP/2 connection its other ext_proc filters shared: each filter now has its own."""
+    import concurrent.futures as cf
+    import json as _json
+
+    import httpx2 as _httpx
+
+    def one(i: int) -> object:
+        size = (1, 4, 8)[i % 3] * 1024 * 1024
+        body = _json.dumps({"model": "glm-4.7", "max_tokens": 8, "stream": i % 2 == 0,
+                            "messages": [{"role": "user", "content": "y" * size}]}).encode()
+        try:
+            return _httpx.post(f"{stack.url}/v1/messages", content=body, timeout=120,
+                               trust_env=False, headers={"content-type": "application/json",
+                                                         "x-api-key": "t"}).status_code
+        except _httpx.HTTPError as exc:
+            return type(exc).__name__
+
+    with cf.ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(one, range(36)))
+    assert codes == [200] * 36, codes
+    assert not any("Segmentation" in line for _, line in stack.logs)

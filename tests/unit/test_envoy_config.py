@@ -78,7 +78,8 @@ def test_variants_split_sticky_and_pinned():
     override = per_filter["envoy.filters.http.ext_proc"]["overrides"]
     assert override["grpc_service"]["envoy_grpc"]["cluster_name"] == "extproc_canary"
     observer = per_filter["zai_proxy.observer"]["overrides"]["grpc_service"]
-    assert observer["envoy_grpc"]["cluster_name"] == "extproc_canary"
+    # The observer's copies travel over connections of their own (see _observer_connections).
+    assert observer["envoy_grpc"]["cluster_name"] == "extproc_observer_canary"
     assert observer["initial_metadata"] == [{"key": "x-zai-proxy-phase", "value": "observer"}]
     clusters = {c["name"]: c for c in render(settings(CANARY_EXTPROC_HOST="canary-host"))
                 ["static_resources"]["clusters"]}
@@ -88,8 +89,14 @@ def test_variants_split_sticky_and_pinned():
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"][0]
     matcher = attempt["typed_config"]["xds_matcher"]["matcher_list"]["matchers"][0]
     assert matcher["predicate"]["single_predicate"]["value_match"] == {"prefix": "2"}  # 2xx skip it
-    observer = attempt["typed_config"]["extension_config"]["typed_config"]
-    assert observer["grpc_service"]["envoy_grpc"]["cluster_name"] == "extproc_canary"
+    attempt_filter = attempt["typed_config"]["extension_config"]["typed_config"]
+    assert attempt_filter["grpc_service"]["envoy_grpc"]["cluster_name"] == "extproc_attempts_canary"
+    # Every ext_proc filter has connections of its own, to the same ext_proc processes, with
+    # windows no multi-MB body fills (Envoy 1.40 crashed when a shared connection's filled).
+    for own in ("extproc_observer_canary", "extproc_attempts_canary"):
+        assert clusters[own]["load_assignment"] == {**clusters["extproc_canary"]["load_assignment"],
+                                                    "cluster_name": own}
+        assert clusters[own]["per_connection_buffer_limit_bytes"] >= 2 * 33554432
 
 
 @pytest.mark.parametrize("mode", ["observe", "inline"])

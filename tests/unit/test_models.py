@@ -306,12 +306,14 @@ def test_without_rules_envoy_config_is_as_before():
 def test_with_rules_only_the_attempt_filter_and_metadata_forwarding_change(env):
     base = {"ZAI_API_KEY": "k" * 16}
     plain, ruled = render(Settings.from_env(base)), render(Settings.from_env({**base, **env}))
-    # The attempt filters' own connections to the ext_proc: a copy of the variant's cluster.
+    # The attempt filters' own connections to the ext_proc: a copy of the variant's cluster
+    # (rendered with or without rules).
     own = {c["name"]: c for c in ruled["static_resources"]["clusters"]
            if c["name"].startswith("extproc_attempts_")}
     assert set(own) == {"extproc_attempts_production", "extproc_attempts_canary"}
-    ruled["static_resources"]["clusters"] = [c for c in ruled["static_resources"]["clusters"]
-                                             if c["name"] not in own]
+    for doc in (plain, ruled):
+        doc["static_resources"]["clusters"] = [c for c in doc["static_resources"]["clusters"]
+                                               if c["name"] not in own]
     for variant, cluster in ((n.rsplit("_", 1)[1], c) for n, c in own.items()):
         shared = next(c for c in plain["static_resources"]["clusters"] if c["name"] == f"extproc_{variant}")
         assert cluster["load_assignment"]["endpoints"] == shared["load_assignment"]["endpoints"]
@@ -325,7 +327,7 @@ def test_with_rules_only_the_attempt_filter_and_metadata_forwarding_change(env):
             request_paths.add(path.split("/http_filters[0]/typed_config/", 1)[1])
     assert attempt_paths == {"processing_mode/request_header_mode",
                              "processing_mode/request_body_mode", "message_timeout",
-                             "metadata_options", "grpc_service/envoy_grpc/cluster_name"}
+                             "metadata_options"}
     assert request_paths == {"metadata_options/forwarding_namespaces"}
     for attempt_filter in _attempt_filters(ruled):
         assert attempt_filter["grpc_service"]["envoy_grpc"]["cluster_name"] in own
