@@ -32,8 +32,11 @@ RUN pip install -r /tmp/wheels/requirements.txt \
 # Non-root. /etc/envoy is where compose's renderer writes the bootstrap (a named volume, whose
 # first mount copies this directory, its mode included): writable by whichever uid renders.
 # routes/ is the mount point of the routes directory, made here so it exists in that volume.
+# /var/lib/zai-proxy holds the dashboard's history in compose (a named volume: the same copy
+# makes it the image user's).
 RUN useradd --create-home --uid 10001 --user-group zai-proxy \
- && install -d -m 0777 /etc/envoy /etc/envoy/routes
+ && install -d -m 0777 /etc/envoy /etc/envoy/routes \
+ && install -d -o zai-proxy -g zai-proxy -m 0755 /var/lib/zai-proxy
 USER zai-proxy
 WORKDIR /home/zai-proxy
 

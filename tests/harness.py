@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,6 +28,10 @@ _SCRUB = ("ZAI_API_KEY", "ENVOY_ROUTES_DIR", "CANARY_WEIGHT", "ZAI_API_KEY_FILE"
           "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
+# Files the stacks' processes write outside a test's own directory; removed when the session ends.
+_SCRATCH = tempfile.TemporaryDirectory(prefix="zai-proxy-tests-")
+
+
 def stack_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
     env |= {
@@ -34,6 +40,9 @@ def stack_env(**overrides: str) -> dict[str, str]:
         "CANARY_EXTPROC_GRPC_PORT": str(free_port()), "CANARY_EXTPROC_ADMIN_PORT": str(free_port()),
         "PRODUCTION_LISTEN_PORT": str(free_port()), "CANARY_LISTEN_PORT": str(free_port()),
         "LOG_LEVEL": "INFO", "NO_PROXY": "*",
+        # `zai-proxy up` starts the dashboard: its own port, and a history outside the user's.
+        "DASHBOARD_PORT": str(free_port()),
+        "DASHBOARD_DB": os.path.join(_SCRATCH.name, f"dashboard-{uuid.uuid4().hex}.sqlite3"),
     }
     env |= overrides
     return env
@@ -41,7 +50,8 @@ def stack_env(**overrides: str) -> dict[str, str]:
 
 class StackHandle:
     def __init__(self, run_dir: Path, env: dict[str, str], emulator_args: Sequence[str] = (),
-                 variants: Sequence[str] = ("production",), replicas: int = 1):
+                 variants: Sequence[str] = ("production",), replicas: int = 1,
+                 dashboard: bool = False):
         env = {"ENVOY_ROUTES_DIR": str(run_dir / "routes"), **env}
         self.logs: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -49,7 +59,7 @@ class StackHandle:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.stack = LocalStack(env, run_dir, self._sink, emulator_args, envoy_log_level="info",
-                                variants=variants, replicas=replicas)
+                                variants=variants, replicas=replicas, dashboard=dashboard)
         self.run_dir = run_dir
         self.variants = tuple(variants)
 
@@ -80,6 +90,16 @@ class StackHandle:
 
     def start_extproc(self, variant: str = "production") -> None:
         self.run(self.stack.start_extproc(variant=variant))
+
+    def stop_dashboard(self) -> None:
+        self.run(self.stack.stop_dashboard())
+
+    def start_dashboard(self) -> None:
+        self.run(self.stack.start_dashboard())
+
+    @property
+    def dashboard_url(self) -> str:
+        return self.stack.dashboard_url
 
     def log_text(self) -> str:
         with self._lock:

@@ -78,11 +78,14 @@ async def start_extproc(group: ProcessGroup, name: str, env: Mapping[str, str],
 
 class LocalStack:
     """Envoy, each variant's ext_proc (`replicas` processes of each, balanced by Envoy as a
-    Kubernetes Service would), and the emulator when there is no real key."""
+    Kubernetes Service would), the emulator when there is no real key, and with `dashboard` the
+    dashboard (`zai-proxy dashboard` on DASHBOARD_PORT, scraping every ext_proc of the stack)."""
 
     def __init__(self, env: Mapping[str, str], run_dir: Path, sink: LineSink = print_sink,
                  emulator_args: Sequence[str] = (), envoy_log_level: str = "warning",
-                 variants: Sequence[Variant | str] = (Variant.PRODUCTION,), replicas: int = 1) -> None:
+                 variants: Sequence[Variant | str] = (Variant.PRODUCTION,), replicas: int = 1,
+                 dashboard: bool = False) -> None:
+        self.dashboard = dashboard
         self.base_env = dict(env)
         self.variants = tuple(Variant(v) for v in variants)
         self.replicas = replicas
@@ -119,6 +122,31 @@ class LocalStack:
                                     replicas={v: self.extprocs(v) for v in self.variants})
         envoy = await self.group.start("envoy", envoy_argv(config, self.envoy_log_level), self.env)
         await wait_http_ok(f"{self.listener_url}/health", timeout, envoy)
+        if self.dashboard:
+            await self.start_dashboard(timeout)
+
+    @property
+    def dashboard_url(self) -> str:
+        address = self.settings.dashboard_address
+        host = "127.0.0.1" if address in ("0.0.0.0", "::") else address
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.settings.dashboard_port}"
+
+    def dashboard_targets(self) -> str:
+        """Every ext_proc of the stack, as DASHBOARD_TARGETS."""
+        return ",".join(f"{variant.value}=http://127.0.0.1:{address.admin_port}"
+                        for variant in self.variants for address in self.extprocs(variant))
+
+    async def start_dashboard(self, timeout: float = 30.0) -> Child:
+        env = dict(self.env)
+        if not (env.get("DASHBOARD_TARGETS") or env.get("PROMETHEUS_URL")):
+            env["DASHBOARD_TARGETS"] = self.dashboard_targets()
+        child = await self.group.start("dashboard", python_argv("extproc", "dashboard"), env)
+        await wait_http_ok(f"{self.dashboard_url}/health", timeout, child)
+        return child
+
+    async def stop_dashboard(self) -> None:
+        await self.group.stop("dashboard")
 
     async def start_emulator(self) -> Emulator:
         return await start_emulator(self.group, self.base_env, self.emulator_args, tls_dir=self.run_dir)
