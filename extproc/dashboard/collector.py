@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from extproc.dashboard import panels
 from extproc.dashboard.events import Hub, frame
 from extproc.dashboard.history import DbThread, History, ReplicaState
+from extproc.dashboard.rollout import Reading
 from extproc.dashboard.sources import Collection
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,9 @@ class Source(Protocol):
 class Collector:
     def __init__(self, source: Source, history: History, db: DbThread, hub: Hub, interval: int,
                  weights: Callable[[], dict[str, float] | None] = lambda: None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 rollout: Callable[[], Reading] = lambda: Reading(None),
+                 rollout_name: str = "rollout state file") -> None:
         self.source = source
         self.history = history
         self.db = db
@@ -44,11 +47,14 @@ class Collector:
         self.interval = interval
         self.weights = weights
         self.clock = clock
+        self.rollout = rollout
+        self.rollout_name = rollout_name  # its key in the status document's `errors`
         self.live = panels.Live(source.kind, list(source.variants))
         self.doc: dict[str, Any] | None = None  # the latest status document
         self.collections = 0
         self.updated = asyncio.Event()
         self._error: str | None = None
+        self._rollout_error: str | None = None
 
     async def start(self) -> None:
         now = self.clock()
@@ -59,6 +65,7 @@ class Collector:
             # ext_procs started just before the dashboard (as `zai-proxy up` starts them): what
             # they counted meanwhile is new.
             deltas.watching_since = now - max(60.0, 3.0 * self.interval)
+        self._read_rollout()
         self.doc = await self.db.run(self._status, self.clock())
 
     async def run(self) -> None:
@@ -93,14 +100,31 @@ class Collector:
         self.live.variants = list(self.source.variants)
         # A variant that gave nothing this time keeps its last gauges out: they are not "now".
         self.live.gauges = collection.gauges
-        self.live.errors = collection.errors
+        self.live.errors = dict(collection.errors)
         self.live.weights = self.weights()
+        self._read_rollout()
         doc = await self.db.run(self._status, float(t))
         self.doc = doc
         self.hub.publish(frame("update", doc))
         self.updated.set()
         self.updated = asyncio.Event()
         return doc
+
+    def _read_rollout(self) -> None:
+        """The canary rollout's state file, read afresh (a bad one is no rollout, said once)."""
+        try:
+            reading = self.rollout()
+        except Exception as exc:  # noqa: BLE001 - the rollout never stops the collection
+            reading = Reading(None, f"cannot be read ({type(exc).__name__}: {exc})")
+        self.live.rollout = reading.rollout
+        if reading.error:
+            self.live.errors[self.rollout_name] = reading.error
+        if reading.error != self._rollout_error:
+            if reading.error:
+                log.warning(f"{self.rollout_name} {reading.error}: showing no rollout")
+            elif self._rollout_error:
+                log.info(f"{self.rollout_name} reads again")
+            self._rollout_error = reading.error
 
     def _status(self, now: float) -> dict[str, Any]:
         return panels.status(self.history, now, self.live)

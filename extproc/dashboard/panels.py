@@ -63,6 +63,7 @@ class Live:
     gauges: dict[str, dict[Key, float]] = field(default_factory=dict)
     weights: dict[str, float] | None = None
     errors: dict[str, str] = field(default_factory=dict)
+    rollout: dict[str, Any] | None = None  # the canary rollout's state (dashboard.rollout), or None
 
 
 def _by_variant(totals: Mapping[tuple[str, Key], Total]) -> dict[str, dict[Key, Total]]:
@@ -91,6 +92,7 @@ def status(reader: Reader, now: float, live: Live, range_s: int = RANGES[DEFAULT
         "source": live.source,
         "variants": variants,
         "weights": live.weights,
+        "rollout": live.rollout,
         "variants_data": {},
         "account": account(live.gauges, now),
         "workers": workers(reader, now, range_s, live.gauges),

@@ -17,6 +17,7 @@ from extproc.config import ConfigError, Settings
 from extproc.dashboard.collector import Collector
 from extproc.dashboard.events import Hub
 from extproc.dashboard.history import DbThread, History, Reader, connect
+from extproc.dashboard.rollout import reader as rollout_reader
 from extproc.dashboard.server import build_app
 from extproc.dashboard.sources import ExtprocSource, PrometheusSource, discover
 
@@ -87,7 +88,9 @@ async def serve(settings: Settings, ready: Callable[[str], None] | None = None) 
     else:
         source = ExtprocSource(discover(settings), interval)
     hub = Hub()
-    collector = Collector(source, history, writer, hub, interval, weights=routes_weights(settings))
+    collector = Collector(source, history, writer, hub, interval, weights=routes_weights(settings),
+                          rollout=rollout_reader(settings.canary_state_file),
+                          rollout_name=settings.canary_state_file)
     await collector.start()
     app = build_app(collector, reader, reader_db, hub, settings.dashboard_token, interval)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)

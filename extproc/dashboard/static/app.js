@@ -405,6 +405,15 @@ function tickCountdowns() {
     el.textContent = at === null ? "–" : at <= now ? "now" : duration(at - now);
     el.title = at === null ? "" : `at ${clock(at)}`;
   }
+  for (const el of $$(".ro-countdown")) {
+    const at = num(parseFloat(el.dataset.value));
+    const late = at === null ? 0 : now - at;
+    el.textContent = at === null ? "–" : late < 0 ? `in ${duration(-late)}` : late < OVERDUE_AFTER ? "due now"
+      : `overdue by ${duration(late)}`;
+    el.classList.toggle("overdue", late >= OVERDUE_AFTER);
+    el.title = at === null ? "" : late >= OVERDUE_AFTER
+      ? `was due at ${clock(at)}: is \`zai-proxy canary rollout\` still running?` : `at ${clock(at)}`;
+  }
   for (const el of $$("[data-until]")) {
     el.textContent = `gate closed, ${duration(parseFloat(el.dataset.until) - now)}`;
   }
@@ -507,6 +516,7 @@ function renderHeader() {
     w.textContent = variantsKnown().length > 1 ? "weights unknown" : "";
   }
   renderVerdict();
+  renderRollout();
 }
 
 function renderVerdict() {
@@ -538,6 +548,116 @@ function renderVerdict() {
   el.dataset.state = worse.length ? "worse" : "ok";
   el.innerHTML = `<b>${worse.length ? `Canary is worse than production (${esc(worse.join(", "))})` : "Canary is no worse than production"}</b>
     <span class="muted">last minute, canary vs production:</span> ${parts.join("")}`;
+}
+
+// ---- canary rollout (`zai-proxy canary rollout`'s state file, as the status document's `rollout`)
+
+const PHASE_TEXT = { running: "running", complete: "complete", rolled_back: "rolled back",
+  stalled: "stalled", aborted: "aborted" };
+const CHECK_MARK = { pass: "✓", fail: "✗", inconclusive: "?", skip: "–" };
+const OVERDUE_AFTER = 60;  // seconds past the decision time before it reads "overdue"
+
+function shortDuration(seconds) {
+  if (seconds >= 3600 && seconds % 3600 === 0) return `${seconds / 3600}h`;
+  if (seconds >= 60 && seconds % 60 === 0) return `${seconds / 60}m`;
+  return duration(seconds);
+}
+
+const pctText = (x) => (num(x) === null ? "–" : `${x}%`);
+
+function decisionText(d) {
+  const from = pctText(d.from), to = pctText(d.to);
+  switch (d.action) {
+    case "step": return `step ${from} → ${to}`;
+    case "rollback": return `rollback ${from} → ${to}`;
+    case "hold": return `hold at ${from}`;
+    case "stall": return `stall at ${from}`;
+    case "complete": return `complete at ${from}`;
+    default: return `${d.action || "?"} ${from} → ${to}`;
+  }
+}
+
+function renderRollout() {
+  const el = $('[data-testid="rollout"]');
+  const r = state.status?.rollout;
+  if (!r) {
+    el.dataset.phase = "none";
+    el.hidden = !variantsKnown().includes("canary");
+    el.innerHTML = `<span class="ro-title">Rollout</span>
+      <span class="muted" data-testid="rollout-none">no rollout <span class="sub">(no state file from <code>zai-proxy canary rollout</code>)</span></span>`;
+    return;
+  }
+  el.hidden = false;
+  el.dataset.phase = r.phase;
+  const steps = Array.isArray(r.steps) ? r.steps : [];
+  const weight = num(r.weight);
+  const running = r.phase === "running";
+  const track = steps.map((s) => {
+    const where = weight !== null && s < weight ? "done" : s === weight ? "current" : "next";
+    return `<span class="ro-step" data-weight="${s}" data-state="${where}">${s}%</span>`;
+  }).join('<span class="ro-arrow">›</span>');
+  let next;
+  if (r.pending) {
+    next = `<span class="ro-next" data-testid="rollout-pending">changing the split
+      ${esc(pctText(r.pending.from))} → <b>${esc(pctText(r.pending.to))}</b>…</span>`;
+  } else if (running) {
+    const at = num(r.next_decision_at);
+    next = `<span class="ro-next">next decision${num(r.next_weight) !== null
+      ? ` <span class="muted">(→ <b data-testid="rollout-next-weight" data-value="${r.next_weight}">${r.next_weight}%</b> on a pass)</span>` : ""}
+      <b class="ro-countdown" data-testid="rollout-next-decision" data-value="${at ?? ""}">–</b></span>`;
+  } else {
+    const at = num(r.updated_at);
+    next = `<span class="ro-next muted" data-testid="rollout-finished" data-value="${at ?? ""}">finished${at ? ` ${esc(clock(at))}` : ""}</span>`;
+  }
+  const who = [r.id, r.release ? `release ${r.release}` : null].filter(Boolean).join(" · ");
+  const started = [num(r.started_at) ? `started ${clock(r.started_at)}` : "started", r.started_by ? `by ${r.started_by}` : null,
+    num(r.updated_at) ? `; state file updated ${clock(r.updated_at)}` : null].filter(Boolean).join(" ");
+  const head = `<div class="ro-row ro-head">
+      <span class="ro-title">Rollout</span>
+      <span class="phase" data-testid="rollout-phase" data-value="${esc(r.phase)}">${esc(PHASE_TEXT[r.phase] || r.phase)}</span>
+      <span class="ro-where"><span data-testid="rollout-step" data-value="${num(r.step) ?? ""}" data-steps="${steps.length}">step <b>${num(r.step) ?? "–"}</b> of <b>${steps.length || "–"}</b></span>,
+        canary at <b class="ro-weight" data-testid="rollout-weight" data-value="${weight ?? ""}">${esc(pctText(weight))}</b></span>
+      <span class="ro-steps" data-testid="rollout-steps">${track}</span>
+      ${next}
+      <span class="ro-id muted" data-testid="rollout-id" data-value="${esc(r.id || "")}" title="${esc(started)}">${esc(who)}</span>
+    </div>`;
+  // Why a finished rollout stopped (an abort's reason is its own; otherwise the last decision's).
+  const lastReason = r.last_decision?.reason || "";
+  const why = !running && r.phase !== "complete" && r.reason && r.reason !== lastReason
+    ? `<div class="ro-row ro-why" data-testid="rollout-reason-phase">${esc(r.reason)}</div>` : "";
+  let verdict = "";
+  const v = r.last_verdict;
+  if (v) {
+    const checks = Object.entries(v.checks || {}).map(([check, cv]) => `<span class="ro-check" data-testid="rollout-check"
+      data-check="${esc(check)}" data-value="${esc(cv)}" title="${esc(check)}: ${esc(cv)}">${esc(CHECK_MARK[cv] || "·")} ${esc(check)}</span>`).join("");
+    const bad = v.verdict === "fail" || v.verdict === "inconclusive";
+    const reasons = (v.reasons || []).map((text) => `<li data-testid="rollout-reason" data-verdict="${esc(v.verdict)}">${esc(text)}</li>`).join("");
+    const when = [num(v.at) ? clock(v.at) : null, num(v.window_seconds) ? `over ${shortDuration(v.window_seconds)}` : null].filter(Boolean).join(", ");
+    const inconclusive = v.verdict === "inconclusive" && num(r.inconclusive_in_a_row) && num(r.max_inconclusive)
+      ? ` <span class="muted">(${r.inconclusive_in_a_row} of ${r.max_inconclusive} in a row)</span>` : "";
+    verdict = `<div class="ro-row ro-verdict">
+        <span class="ro-label">last verdict</span>
+        <span class="vbadge" data-testid="rollout-verdict" data-value="${esc(v.verdict || "")}">${esc(v.verdict || "?")}</span>${inconclusive}
+        ${when ? `<span class="muted" data-testid="rollout-verdict-at" data-value="${num(v.at) ?? ""}">${esc(when)}</span>` : ""}
+        <span class="ro-checks">${checks}</span>
+      </div>
+      ${reasons ? `<ul class="ro-reasons ${bad ? "bad" : ""}" data-verdict="${esc(v.verdict || "")}">${reasons}</ul>` : ""}`;
+  } else {
+    verdict = `<div class="ro-row ro-verdict"><span class="ro-label">last verdict</span>
+      <span class="muted" data-testid="rollout-verdict" data-value="">none yet</span></div>`;
+  }
+  const d = r.last_decision;
+  // A decision's reason ends with its analysis' reasons, listed above already: not twice.
+  let said = d?.reason || "";
+  const tail = v && d && d.verdict === v.verdict && (v.reasons || []).length ? `: ${v.reasons.join("; ")}` : null;
+  if (tail && said.endsWith(tail) && said.length > tail.length) said = `${said.slice(0, -tail.length)} (reasons above)`;
+  const decision = d ? `<div class="ro-row ro-decision">
+      <span class="ro-label">last decision</span>
+      <b data-testid="rollout-decision" data-value="${esc(d.action || "")}" data-action="${esc(d.action || "")}">${esc(decisionText(d))}</b>
+      <span data-testid="rollout-decision-reason" data-value="${esc(d.reason || "")}" title="${esc(d.reason || "")}">${esc(said)}</span>
+      ${num(d.at) ? `<span class="muted">${esc(clock(d.at))}</span>` : ""}
+    </div>` : "";
+  el.innerHTML = head + why + verdict + decision;
 }
 
 // ---- charts ------------------------------------------------------------------------------------

@@ -1,0 +1,165 @@
+"""The canary rollout as the dashboard shows it: `zai-proxy canary rollout`'s state file
+(CANARY_STATE_FILE; its shape is `extproc.canary.rollout.State.to_json()`), re-read at every
+collection and turned into the status document's `rollout` (see the README's Dashboard section).
+
+No file: no rollout (`None`). A file that is no rollout state (not JSON, another schema, not an
+object) is no rollout either, with a one-line reason for the status document's `errors`; a field
+of the wrong type is left out (`None`), never a crash: the rollout writes the file atomically, but
+people edit files too.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from extproc.canary.rollout import PHASES, SCHEMA
+
+MAX_BYTES = 1 << 20  # a state file is a few kB; anything far bigger is not one
+MAX_REASONS = 20
+MAX_TEXT = 2000
+
+
+@dataclass
+class Reading:
+    rollout: dict[str, Any] | None
+    error: str | None = None  # why a file that is there shows no rollout
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _int(value: Any) -> int | None:
+    x = _num(value)
+    return int(round(x)) if x is not None else None
+
+
+def _text(value: Any) -> str | None:
+    return value[:MAX_TEXT] if isinstance(value, str) else None
+
+
+def _time(value: Any) -> float | None:
+    """Epoch seconds from a number or the state file's ISO form (`2026-12-02T10:20:00Z`)."""
+    x = _num(value)
+    if x is not None:
+        return x
+    if isinstance(value, str):
+        try:
+            return float(calendar.timegm(time.strptime(value.strip(), "%Y-%m-%dT%H:%M:%SZ")))
+        except ValueError:
+            return None
+    return None
+
+
+def _checks(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k)[:200]: v for k, v in value.items() if isinstance(v, str)}
+
+
+def _verdict(value: Any) -> dict[str, Any] | None:
+    if not isinstance(value, dict):
+        return None
+    reasons = value.get("reasons")
+    return {
+        "verdict": _text(value.get("verdict")),
+        "at": _time(value.get("at")),
+        "window_seconds": _num(value.get("window_seconds")),
+        "reasons": [r[:MAX_TEXT] for r in reasons if isinstance(r, str)][:MAX_REASONS]
+        if isinstance(reasons, list) else [],
+        "checks": _checks(value.get("checks")),
+    }
+
+
+def _decision(value: Any) -> dict[str, Any] | None:
+    if not isinstance(value, dict):
+        return None
+    return {
+        "action": _text(value.get("action")),
+        "from": _int(value.get("from")),
+        "to": _int(value.get("to")),
+        "reason": _text(value.get("reason")),
+        "verdict": _text(value.get("verdict")),
+        "change": _text(value.get("change")),
+        "at": _time(value.get("at")),
+    }
+
+
+def summary(doc: Any) -> Reading:
+    """The status document's `rollout` from a state file's JSON."""
+    if not isinstance(doc, dict):
+        return Reading(None, f"holds {type(doc).__name__}, not a rollout state")
+    if doc.get("schema") != SCHEMA:
+        return Reading(None, f"has schema {doc.get('schema')!r}; this dashboard reads schema {SCHEMA}")
+    phase = doc.get("phase")
+    if phase not in PHASES:
+        return Reading(None, f"has phase {phase!r}, not one of {', '.join(PHASES)}")
+    plan = doc.get("plan") if isinstance(doc.get("plan"), dict) else {}
+    ts = doc.get("ts") if isinstance(doc.get("ts"), dict) else {}
+    raw_steps = doc.get("steps", plan.get("steps"))
+    steps = [s for s in (_int(x) for x in raw_steps) if s is not None] if isinstance(raw_steps, list) else []
+    finished = phase != "running"
+    next_at = None if finished else _time(doc.get("next_decision_ts", ts.get("next_decision")))
+    if next_at is None and not finished:
+        next_at = _time(doc.get("next_decision_at"))
+    return Reading({
+        "id": _text(doc.get("rollout")),
+        "release": _text(doc.get("release")),
+        "phase": phase,
+        "weight": _int(doc.get("weight")),
+        "step": _int(doc.get("step")),
+        "steps": steps,
+        "next_weight": _int(doc.get("next_weight")),
+        "next_decision_at": next_at,
+        "interval_seconds": _num(plan.get("interval_seconds")),
+        "max_inconclusive": _int(plan.get("max_inconclusive")),
+        "inconclusive_in_a_row": _int(doc.get("inconclusive_in_a_row")),
+        "started_at": _time(ts.get("started", doc.get("started_at"))),
+        "started_by": _text(doc.get("started_by")),
+        "updated_at": _time(ts.get("updated", doc.get("updated_at"))),
+        "last_verdict": _verdict(doc.get("last_verdict")),
+        "last_decision": _decision(doc.get("last_decision")),
+        "pending": _decision(doc.get("pending")),
+        "reason": _text(doc.get("reason")) or "",
+    })
+
+
+def read(path: str | Path) -> Reading:
+    """The rollout in the state file at `path`, read now."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+    except FileNotFoundError:
+        return Reading(None)
+    except IsADirectoryError:
+        return Reading(None, "is a directory, not a rollout state file")
+    except OSError as exc:
+        return Reading(None, f"cannot be read ({exc.strerror or exc})")
+    if len(raw) > MAX_BYTES:
+        return Reading(None, f"is over {MAX_BYTES >> 10} kB: not a rollout state")
+    if not raw.strip():
+        return Reading(None)  # being created
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        return Reading(None, f"is not valid JSON ({exc})")
+    except RecursionError:
+        return Reading(None, "is not valid JSON (nested too deep)")
+    try:
+        return summary(doc)
+    except Exception as exc:  # noqa: BLE001 - a state file never stops the dashboard
+        return Reading(None, f"is not a rollout state ({type(exc).__name__}: {exc})")
+
+
+def reader(path: str | Path) -> Callable[[], Reading]:
+    return lambda: read(path)
