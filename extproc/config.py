@@ -75,6 +75,16 @@ def parse_url(raw: str) -> UpstreamUrl:
     return UpstreamUrl(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
 
 
+def is_loopback(address: str) -> bool:
+    """Whether a listen address is reachable from this machine only."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_port(raw: str) -> int:
     port = parse_int(raw)
     if not 0 < port < 65536:
@@ -321,6 +331,19 @@ def parse_configmap(raw: str) -> tuple[str | None, str]:
     return namespace or None, name
 
 
+MAX_AUTO_PROCESSES = 4
+
+
+def parse_processes(raw: str) -> int:
+    """`auto` (the host's cores, at most MAX_AUTO_PROCESSES) or a whole number of at least 1."""
+    if raw.strip().lower() == "auto":
+        return max(1, min(os.cpu_count() or 1, MAX_AUTO_PROCESSES))
+    value = parse_int(raw)
+    if value < 1:
+        raise ValueError("must be `auto` or a whole number of at least 1")
+    return value
+
+
 def parse_optional_port(raw: str) -> int:
     value = parse_int(raw)
     if not 0 <= value < 65536:
@@ -415,6 +438,16 @@ class Settings:
     extproc_admin_port: int = setting(
         "EXTPROC_ADMIN_PORT", parse_port, "8081", "EXTPROC_ADMIN_PORT=8081",
         "HTTP port of the ext_proc's `/health` and `/metrics`.")
+    extproc_observer_port: int | None = setting(
+        "EXTPROC_OBSERVER_PORT", parse_port, None, "EXTPROC_OBSERVER_PORT=50053",
+        "gRPC port for the observer's copies of bodies, when it is not `EXTPROC_GRPC_PORT` (unset: "
+        "the same port). Needed with `EXTPROC_PROCESSES` above 1: the observer processes share it.")
+    extproc_processes: int = setting(
+        "EXTPROC_PROCESSES", parse_processes, "1", "EXTPROC_PROCESSES=2",
+        "Processes of one variant's ext_proc on this host: one admits requests (key swap, limits, "
+        "records, `/metrics`), the others (`auto`: up to the host's cores, at most "
+        f"{MAX_AUTO_PROCESSES}) take the observer's copies of bodies on `EXTPROC_OBSERVER_PORT` and "
+        "hand each request's outcome to it. 1: one process does everything.")
     canary_extproc_host: str = setting(
         "CANARY_EXTPROC_HOST", parse_host, "127.0.0.1", "CANARY_EXTPROC_HOST=zai-proxy-canary-extproc",
         "Where Envoy finds the canary variant's ext_proc service.")
@@ -424,6 +457,9 @@ class Settings:
     canary_extproc_admin_port: int = setting(
         "CANARY_EXTPROC_ADMIN_PORT", parse_port, "8082", "CANARY_EXTPROC_ADMIN_PORT=8082",
         "HTTP port of the canary ext_proc's `/health` and `/metrics`.")
+    canary_extproc_observer_port: int | None = setting(
+        "CANARY_EXTPROC_OBSERVER_PORT", parse_port, None, "CANARY_EXTPROC_OBSERVER_PORT=50054",
+        "The canary ext_proc's observer port (as `EXTPROC_OBSERVER_PORT`; unset: its gRPC port).")
     canary_weight: int = setting(
         "CANARY_WEIGHT", parse_percent, "0", "CANARY_WEIGHT=10",
         "Percent of split traffic sent to the canary when the routes file is first written (then "

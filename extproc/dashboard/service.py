@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import signal
 import sys
@@ -13,7 +12,7 @@ from typing import Callable
 import orjson
 from aiohttp import web
 
-from extproc.config import ConfigError, Settings
+from extproc.config import ConfigError, Settings, is_loopback
 from extproc.dashboard.collector import Collector
 from extproc.dashboard.events import Hub
 from extproc.dashboard.history import DbThread, History, Reader, connect
@@ -22,15 +21,6 @@ from extproc.dashboard.server import build_app
 from extproc.dashboard.sources import ExtprocSource, PrometheusSource, discover
 
 log = logging.getLogger(__name__)
-
-
-def is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 def check(settings: Settings) -> None:

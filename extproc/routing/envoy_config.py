@@ -15,7 +15,6 @@ formats, and expands the variants:
 from __future__ import annotations
 
 import copy
-import ipaddress
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -27,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from extproc.api import OPENAI_PATH_REGEX
-from extproc.config import Settings, UpstreamUrl
+from extproc.config import Settings, UpstreamUrl, is_loopback
 from extproc.proxy.models import ModelRules
 from extproc.proxy.ticket import METADATA_NAMESPACE
 from extproc.variants import DEFAULT, Variant
@@ -46,6 +45,8 @@ ROUTE_CONFIG_NAME = "gateway"
 PER_VARIANT_CLUSTERS = ("extproc", "extproc_admin", "zai_anthropic", "zai_openai")
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 OBSERVER_FILTER = "zai_proxy.observer"
+# Streams per observer connection when observer processes share a port (see _observer_connections).
+OBSERVER_STREAMS_PER_CONNECTION = 16
 EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 # Routes whose bodies pass through the ext_proc inline (it may change them): the request body
@@ -105,13 +106,20 @@ class ExtprocAddress:
     host: str
     grpc_port: int
     admin_port: int
+    # Where the observer's copies go (EXTPROC_OBSERVER_PORT), when not to the gRPC port.
+    observer_port: int | None = None
 
     @classmethod
     def of(cls, settings: Settings, variant: Variant) -> "ExtprocAddress":
         if variant is Variant.CANARY:
             return cls(settings.canary_extproc_host, settings.canary_extproc_grpc_port,
-                       settings.canary_extproc_admin_port)
-        return cls(settings.extproc_host, settings.extproc_grpc_port, settings.extproc_admin_port)
+                       settings.canary_extproc_admin_port, settings.canary_extproc_observer_port)
+        return cls(settings.extproc_host, settings.extproc_grpc_port, settings.extproc_admin_port,
+                   settings.extproc_observer_port)
+
+    @property
+    def observer(self) -> int:
+        return self.observer_port or self.grpc_port
 
 
 def _hcm(bootstrap: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +150,7 @@ def render(settings: Settings, replicas: Replicas | None = None) -> dict[str, An
     bootstrap["static_resources"]["clusters"] = _variant_clusters(clusters, attempt_filters, settings,
                                                                   replicas or {})
     _attempt_connections(bootstrap["static_resources"]["clusters"])
-    _observer_connections(bootstrap["static_resources"]["clusters"])
+    _observer_connections(bootstrap["static_resources"]["clusters"], settings, replicas or {})
     for http_filter in hcm["http_filters"]:
         if http_filter["typed_config"]["@type"] == EXT_PROC_TYPE:
             own = "extproc_observer" if http_filter["name"] == OBSERVER_FILTER else "extproc"
@@ -207,7 +215,8 @@ def _attempt_connections(clusters: list[dict[str, Any]]) -> None:
             attempt["grpc_service"]["envoy_grpc"]["cluster_name"] = own["name"]
 
 
-def _observer_connections(clusters: list[dict[str, Any]]) -> None:
+def _observer_connections(clusters: list[dict[str, Any]], settings: Settings,
+                          replicas: Replicas) -> None:
     """The observer's copies of bodies go over connections of their own: a body of megabytes
     fills an HTTP/2 connection's window, and Envoy 1.40 then raises flow-control callbacks on
     every stream of that connection, which crashes it in the other ext_proc filters (measured:
@@ -218,9 +227,19 @@ def _observer_connections(clusters: list[dict[str, Any]]) -> None:
         own = copy.deepcopy(by_name[variant.suffixed("extproc")])
         own["name"] = own["load_assignment"]["cluster_name"] = variant.suffixed("extproc_observer")
         own["per_connection_buffer_limit_bytes"] = ATTEMPT_CONNECTION_BUFFER
+        http2: dict[str, Any] = {"initial_stream_window_size": ATTEMPT_WINDOW,
+                                 "initial_connection_window_size": ATTEMPT_WINDOW}
         own["typed_extension_protocol_options"][HTTP_OPTIONS]["explicit_http_config"] = {
-            "http2_protocol_options": {"initial_stream_window_size": ATTEMPT_WINDOW,
-                                       "initial_connection_window_size": ATTEMPT_WINDOW}}
+            "http2_protocol_options": http2}
+        # The observer port (EXTPROC_OBSERVER_PORT), where one is set: there, several observer
+        # processes share it (SO_REUSEPORT), and the kernel spreads connections, not streams, over
+        # them: a bounded number of streams per connection makes Envoy open several.
+        extprocs = replicas.get(variant) or [ExtprocAddress.of(settings, variant)]
+        if any(extproc.observer_port for extproc in extprocs):
+            http2["max_concurrent_streams"] = OBSERVER_STREAMS_PER_CONNECTION
+            endpoints = own["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            for endpoint, extproc in zip(endpoints, extprocs):
+                endpoint["endpoint"]["address"]["socket_address"]["port_value"] = extproc.observer
         clusters.append(own)
 
 
@@ -324,7 +343,7 @@ def _variant_entry(route: dict[str, Any], variant: Variant, settings: Settings,
 
 
 def _mark_admin_routes(routes: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
-    if not _loopback(settings.listen_address):
+    if not is_loopback(settings.listen_address):
         for route in routes:
             if route.get("route", {}).get("cluster", "").startswith("extproc_admin"):
                 route["request_headers_to_add"] = [copy.deepcopy(PUBLIC_LISTENER_HEADER)]
@@ -345,15 +364,6 @@ def render_routes(settings: Settings, canary_weight: int | None = None,
     template["virtual_hosts"][0]["routes"] = _mark_admin_routes(routes, settings)
     template["name"] = ROUTE_CONFIG_NAME
     return {"version_info": version, "resources": [{"@type": ROUTE_CONFIG_TYPE, **template}]}
-
-
-def _loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 def _openai_not_found(route: dict[str, Any]) -> dict[str, Any]:
