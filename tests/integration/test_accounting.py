@@ -7,7 +7,6 @@ Every test runs against both ways Anthropic traffic can pass the ext_proc (RESPO
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 import anthropic
@@ -17,6 +16,7 @@ import pytest
 import tiktoken
 
 from harness import StackHandle, stack_env
+from stack_logs import access_line, usage_line, wait_for
 
 EMULATOR = dict(input_tokens=1000, cache_read_tokens=200, cache_write_tokens=30, events_per_stream=6)
 ASK = dict(model="glm-4.7", max_tokens=64, messages=[{"role": "user", "content": "hello"}])
@@ -33,39 +33,6 @@ def token_counts(stack: StackHandle, source: str = "reported") -> dict[str, floa
 
 def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
     return {k: int(after[k] - before[k]) for k in before}
-
-
-def wait_for(predicate, timeout: float = 12.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
-
-
-def usage_line(stack: StackHandle, request_id: str) -> dict:
-    def find():
-        for name, line in stack.logs:
-            if name == "extproc" and '"Token usage"' in line and request_id in line:
-                return json.loads(line)
-        return None
-    found = wait_for(find)
-    assert found, f"no Token usage line for {request_id}"
-    return found
-
-
-def access_line(stack: StackHandle, request_id: str) -> dict:
-    def find():
-        for name, line in stack.logs:
-            if name == "envoy" and line.startswith("{") and request_id in line:
-                doc = json.loads(line)
-                if doc.get("log") == "access":
-                    return doc
-        return None
-    found = wait_for(find, timeout=10)
-    assert found, f"no access log line for {request_id}"
-    return found
 
 
 @pytest.fixture(scope="module", params=["observe", "inline"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,50 +27,15 @@ import pytest
 import yaml
 
 from harness import StackHandle, free_port, stack_env
+from prometheus_server import Prometheus, needs_prometheus
 
 ZAI_PROXY = str(Path(sys.executable).with_name("zai-proxy"))
-PROMETHEUS = shutil.which("prometheus")
 INTERVAL = 4.0  # seconds at each step (the compressed schedule)
 THRESHOLDS = {"min_requests": 15, "checks": {"ttft_p95": {"min_requests": 8}}}
 ASK = {"model": "glm-4.7", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 FAULTY = {"key": "x-emulator-options", "value": json.dumps({"server_error_percent": 20})}
 
-pytestmark = pytest.mark.skipif(PROMETHEUS is None,
-                                reason="prometheus is installed by scripts/setup --test")
-
-
-class Prometheus:
-    def __init__(self, directory: Path, targets: list[str]) -> None:
-        self.port = free_port()
-        config = directory / "prometheus.yml"
-        config.write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "zai-proxy", "static_configs": [{"targets": targets}]}]}))
-        self.process = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={directory / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 30
-        while not self._scraping(len(targets)):
-            assert time.monotonic() < deadline and self.process.poll() is None, "Prometheus not scraping"
-            time.sleep(0.3)
-
-    def _scraping(self, count: int) -> bool:
-        try:
-            active = httpx.get(f"{self.url}/api/v1/targets", trust_env=False, timeout=2).json()
-        except (httpx.HTTPError, ValueError):
-            return False
-        targets = active["data"]["activeTargets"]
-        return len(targets) == count and all(t["health"] == "up" for t in targets)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+pytestmark = needs_prometheus
 
 
 class Traffic:
@@ -129,16 +93,15 @@ def rig(tmp_path_factory):
     env = stack_env(MAX_RETRIES="0", CANARY_WEIGHT="0", RATE_LIMIT_INITIAL="20",
                     START_RATE_INITIAL="6000", QUOTA_POLL_SECONDS="0", LOG_LEVEL="WARNING")
     stack = StackHandle(root / "stack", env, variants=("production", "canary")).start()
-    prometheus = None
+    prometheus = Prometheus(root, [f"127.0.0.1:{env['EXTPROC_ADMIN_PORT']}",
+                                   f"127.0.0.1:{env['CANARY_EXTPROC_ADMIN_PORT']}"])
     try:
-        prometheus = Prometheus(root, [f"127.0.0.1:{env['EXTPROC_ADMIN_PORT']}",
-                                       f"127.0.0.1:{env['CANARY_EXTPROC_ADMIN_PORT']}"])
+        prometheus.start()
         thresholds = root / "thresholds.yaml"
         thresholds.write_text(yaml.safe_dump(THRESHOLDS))
         yield {"stack": stack, "prometheus": prometheus, "root": root, "thresholds": thresholds}
     finally:
-        if prometheus is not None:
-            prometheus.stop()
+        prometheus.stop()
         stack.stop()
 
 

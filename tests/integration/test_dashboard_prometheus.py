@@ -5,7 +5,6 @@ one scraping the ext_procs itself, and the same per-worker totals once Prometheu
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -15,9 +14,9 @@ import httpx2 as httpx
 import pytest
 
 from harness import StackHandle, free_port, stack_env
+from prometheus_server import Prometheus, needs_prometheus
 from test_dashboard import DIRECTIONS, WORKERS, dashboard_workers, traffic
 
-PROMETHEUS = shutil.which("prometheus")
 ZAI_PROXY = str(Path(sys.executable).with_name("zai-proxy"))
 
 
@@ -43,7 +42,7 @@ def wait_ok(url: str, proc: subprocess.Popen, what: str, timeout: float = 30) ->
         time.sleep(0.3)
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is installed by scripts/setup --test")
+@needs_prometheus
 @pytest.mark.timeout(180)
 def test_prometheus_source_gives_the_same_panels(tmp_path):
     keys_file = tmp_path / "worker-keys"
@@ -51,29 +50,19 @@ def test_prometheus_source_gives_the_same_panels(tmp_path):
     env = stack_env(CANARY_WEIGHT="50", MAX_RETRIES="0", WORKER_KEYS_FILE=str(keys_file),
                     DASHBOARD_INTERVAL_SECONDS="1", DASHBOARD_DB=str(tmp_path / "scrape.db"))
     stack = StackHandle(tmp_path / "stack", env, variants=("production", "canary"), dashboard=True).start()
-    prom_port, dash_port = free_port(), free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        "- job_name: zai-proxy\n"
-        "  static_configs:\n"
-        f"  - targets: ['127.0.0.1:{env['EXTPROC_ADMIN_PORT']}', "
-        f"'127.0.0.1:{env['CANARY_EXTPROC_ADMIN_PORT']}']\n")
-    prometheus = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{prom_port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dash_port = free_port()
+    prometheus = Prometheus(tmp_path, [f"127.0.0.1:{env['EXTPROC_ADMIN_PORT']}",
+                                       f"127.0.0.1:{env['CANARY_EXTPROC_ADMIN_PORT']}"])
     dashboard = None
     try:
-        wait_ok(f"http://127.0.0.1:{prom_port}/-/ready", prometheus, "Prometheus")
+        prometheus.start()
         # Every series exists before the measured traffic (Prometheus cannot see the increase
         # that creates a series), and Prometheus has scraped it.
         traffic(stack, n=2)
         time.sleep(3)
         dashboard = subprocess.Popen(
             [ZAI_PROXY, "dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={**stack.stack.env, "PROMETHEUS_URL": f"http://127.0.0.1:{prom_port}",
+            env={**stack.stack.env, "PROMETHEUS_URL": prometheus.url,
                  "DASHBOARD_PORT": str(dash_port), "DASHBOARD_DB": str(tmp_path / "prom.db"),
                  "DASHBOARD_INTERVAL_SECONDS": "1", "ENVOY_ROUTES_DIR": str(tmp_path / "stack" / "routes")})
         prom_url = f"http://127.0.0.1:{dash_port}"
@@ -115,11 +104,11 @@ def test_prometheus_source_gives_the_same_panels(tmp_path):
             assert time.monotonic() < deadline, (got, sent)
             time.sleep(2)
     finally:
-        for proc in (dashboard, prometheus):
-            if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        if dashboard is not None:
+            dashboard.terminate()
+            try:
+                dashboard.wait(10)
+            except subprocess.TimeoutExpired:
+                dashboard.kill()
+        prometheus.stop()
         stack.stop()

@@ -6,24 +6,20 @@ in served responses."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import aiohttp
 import pytest
 
-from extproc.emulator import EmulatorOptions, EmulatorServer
+from extproc.emulator import EmulatorOptions
 from extproc.emulator.cli import build_parser, options_from_args
 from extproc.emulator.options import parse_reject_models
 from extproc.emulator.quota import FIVE_HOUR, WEEKLY, QuotaWindows
+from test_emulator import ANTHROPIC_URL, CODING_URL, KEY, FakeClock, bearer, serve
 
-KEY = "zai-test-key-7f3a9c"
 QUOTA_URL = "/api/monitor/usage/quota/limit"
-ANTHROPIC_URL = "/api/anthropic/v1/messages"
-CODING_URL = "/api/coding/paas/v4/chat/completions"
 BODY: dict[str, Any] = {
     "model": "glm-4.7",
     "max_tokens": 64,
@@ -33,29 +29,6 @@ START = datetime(2026, 11, 23, 8, 4, 5, tzinfo=UTC).timestamp()
 FIVE_HOURS = 5 * 3600.0
 WEEK = 7 * 86400.0
 UTC8 = timezone(timedelta(hours=8))
-
-
-class FakeClock:
-    """A settable wall clock (epoch seconds)."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@contextlib.asynccontextmanager
-async def serve(
-    wall: FakeClock, **options: Any
-) -> AsyncIterator[tuple[EmulatorServer, aiohttp.ClientSession]]:
-    server = EmulatorServer(EmulatorOptions(api_key=KEY, **options), wall_clock=wall)
-    async with server, aiohttp.ClientSession(base_url=server.url) as session:
-        yield server, session
-
-
-def bearer() -> dict[str, str]:
-    return {"Authorization": f"Bearer {KEY}"}
 
 
 async def quota(session: aiohttp.ClientSession, **headers: str) -> tuple[int, dict[str, Any]]:
@@ -202,7 +175,7 @@ def test_quota_options_validation() -> None:
 @pytest.mark.asyncio
 async def test_quota_endpoint_tokens_shape_exactly() -> None:
     wall = FakeClock(START)
-    async with serve(wall) as (_, session):
+    async with serve(wall=wall) as (_, session):
         status, body = await quota(session)
         stats = await (await session.get("/_emulator/stats")).json()
     five_ms, week_ms = int((START + FIVE_HOURS) * 1000), int((START + WEEK) * 1000)
@@ -230,7 +203,7 @@ async def test_quota_endpoint_tokens_shape_exactly() -> None:
 @pytest.mark.asyncio
 async def test_quota_endpoint_credits_shape_by_config_and_by_header() -> None:
     wall = FakeClock(START)
-    async with serve(wall, quota_window_tokens=1000, quota_weekly_tokens=8000,
+    async with serve(wall=wall, quota_window_tokens=1000, quota_weekly_tokens=8000,
                      quota_level="pro") as (_, session):
         await control(session, window="5h", used_percent=85)
         await control(session, window="weekly", used_percent=12.5)
@@ -255,7 +228,7 @@ async def test_quota_endpoint_credits_shape_by_config_and_by_header() -> None:
 
 @pytest.mark.asyncio
 async def test_quota_endpoint_authentication() -> None:
-    async with serve(FakeClock(START)) as (_, session):
+    async with serve(wall=FakeClock(START)) as (_, session):
         for headers, code in [({}, 1001), ({"Authorization": "  "}, 1001),
                               ({"Authorization": "wrong"}, 1000),
                               ({"Authorization": f"Bearer {KEY}"}, 1000),  # raw key only
@@ -278,7 +251,7 @@ async def test_quota_endpoint_authentication() -> None:
 
 @pytest.mark.asyncio
 async def test_quota_error_answers_200_with_success_false() -> None:
-    async with serve(FakeClock(START), quota_error="1113") as (server, session):
+    async with serve(wall=FakeClock(START), quota_error="1113") as (server, session):
         status, body = await quota(session)
         assert (status, body) == (200, {
             "code": 1113, "msg": "Your account is in arrears, please recharge and try again",
@@ -301,7 +274,7 @@ async def test_quota_error_answers_200_with_success_false() -> None:
 @pytest.mark.asyncio
 async def test_served_tokens_move_the_percentage() -> None:
     wall = FakeClock(START)
-    async with serve(wall, quota_window_tokens=100_000, quota_weekly_tokens=1_000_000,
+    async with serve(wall=wall, quota_window_tokens=100_000, quota_weekly_tokens=1_000_000,
                      input_tokens=20_000, cache_read_tokens=3_000,
                      cache_write_tokens=1_000) as (_, session):
         assert (await ask(session))[0] == 200  # OpenAI, not streamed
@@ -333,7 +306,7 @@ async def test_served_tokens_move_the_percentage() -> None:
 @pytest.mark.asyncio
 async def test_spent_5h_window_gives_1308_until_its_reset_then_serves() -> None:
     wall = FakeClock(START)
-    async with serve(wall, quota_window_tokens=1000, input_tokens=600) as (_, session):
+    async with serve(wall=wall, quota_window_tokens=1000, input_tokens=600) as (_, session):
         assert (await ask(session))[0] == 200  # anchors the windows at START
         wall.now += 600
         assert (await ask(session))[0] == 200  # 1200+ of 1000 tokens: spent
@@ -370,7 +343,7 @@ async def test_spent_5h_window_gives_1308_until_its_reset_then_serves() -> None:
 @pytest.mark.asyncio
 async def test_told_to_exhaust_a_window_then_it_resets_by_itself() -> None:
     wall = FakeClock(START)
-    async with serve(wall) as (_, session):
+    async with serve(wall=wall) as (_, session):
         told = await control(session, window="5h", used_percent=85)
         assert told["5h"]["percentage"] == 85 and told["5h"]["used"] == told["5h"]["allowance"] * 85 // 100
         assert (await limits(session))[0]["percentage"] == 85
@@ -394,7 +367,7 @@ async def test_told_to_exhaust_a_window_then_it_resets_by_itself() -> None:
 @pytest.mark.asyncio
 async def test_spent_weekly_window_gives_1310_and_wins_when_it_resets_later() -> None:
     wall = FakeClock(START)
-    async with serve(wall) as (_, session):
+    async with serve(wall=wall) as (_, session):
         await control(session, window="weekly", used_percent=100, reset_in=2 * 86400)
         reset_at = START + 2 * 86400
         status, headers, body = await ask(session)
@@ -417,7 +390,7 @@ async def test_spent_weekly_window_gives_1310_and_wins_when_it_resets_later() ->
 @pytest.mark.asyncio
 async def test_reset_forgets_the_windows() -> None:
     wall = FakeClock(START)
-    async with serve(wall) as (_, session):
+    async with serve(wall=wall) as (_, session):
         await control(session, window="5h", used_percent=100)
         assert (await ask(session))[0] == 429
         wall.now += 100
@@ -435,7 +408,7 @@ async def test_reset_forgets_the_windows() -> None:
 @pytest.mark.asyncio
 async def test_reject_models_refuses_listed_models_only() -> None:
     wall = FakeClock(START)
-    async with serve(wall, reject_models="glm-5.1:1312,glm-4.6:1311") as (server, session):
+    async with serve(wall=wall, reject_models="glm-5.1:1312,glm-4.6:1311") as (server, session):
         status, _, body = await ask(session, model="glm-5.1")
         assert (status, body["error"]["code"]) == (429, "1312")
         assert body["error"]["message"].startswith("The current model is experiencing high")
@@ -484,7 +457,7 @@ def test_reject_models_cli_flag() -> None:
 
 @pytest.mark.asyncio
 async def test_served_responses_name_the_requested_model() -> None:
-    async with serve(FakeClock(START), model_default="glm-4.7") as (_, session):
+    async with serve(wall=FakeClock(START), model_default="glm-4.7") as (_, session):
         _, _, message = await ask(session, ANTHROPIC_URL, model="glm-5.1")
         assert message["model"] == "glm-5.1"
         _, _, raw = await ask(session, ANTHROPIC_URL, model="glm-5.1", stream=True)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,10 +17,10 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
-from harness import StackHandle, free_port, stack_env
+from harness import StackHandle, stack_env
+from prometheus_server import Prometheus, needs_prometheus
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "zai-proxy.json"
-PROMETHEUS = shutil.which("prometheus")
 
 # Grafana's built-in and the dashboard's own variables, as Grafana substitutes them.
 SUBSTITUTIONS = {
@@ -99,64 +97,15 @@ def test_dashboard_is_a_grafana_dashboard():
         assert '$variant' in expr or 'deployment_variant="canary"' in expr, title
 
 
-class Prometheus:
-    """A real Prometheus scraping the given targets every second."""
-
-    def __init__(self, tmp_path: Path, scrape: list[str]):
-        self.port = free_port()
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
-            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-            "scrape_configs:\n"
-            "- job_name: zai-proxy\n"
-            "  static_configs:\n"
-            f"  - targets: {json.dumps(scrape)}\n")
-        assert PROMETHEUS is not None
-        self.process = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.api = f"http://127.0.0.1:{self.port}/api/v1"
-        self.expected = len(scrape)
-
-    def wait_scraping(self) -> None:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                active = self.get("targets")["data"]["activeTargets"]
-                if len(active) == self.expected and all(t["health"] == "up" for t in active):
-                    return
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and self.process.poll() is None, "Prometheus not scraping"
-            time.sleep(0.3)
-
-    def get(self, path: str, **params: object) -> dict:
-        resp = httpx.get(f"{self.api}/{path}", params=params, trust_env=False, timeout=10)
-        if resp.status_code == 503:  # still starting (e.g. replaying its write-ahead log)
-            resp.raise_for_status()
-        return resp.json()
-
-    def query(self, expr: str) -> dict:
-        return self.get("query", query=expr)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
-@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is installed by scripts/setup --test")
+@needs_prometheus
 @pytest.mark.timeout(240)
 def test_every_panel_query_runs_against_prometheus(tmp_path):
     doc = json.loads(DASHBOARD.read_text())
     env = stack_env(MAX_RETRIES="0", CANARY_WEIGHT="50", QUOTA_POLL_SECONDS="1")
     stack = StackHandle(tmp_path / "stack", env, variants=("production", "canary")).start()
-    prometheus = Prometheus(tmp_path, [url.removeprefix("http://") for url in stack.admin_urls()])
+    prometheus = Prometheus(tmp_path, stack.admin_urls())
     try:
-        prometheus.wait_scraping()
+        prometheus.start()
         time.sleep(1.5)  # a baseline sample before the traffic: a counter's first sample has no rate
 
         def call(args: tuple[str, int], options: dict | None = None) -> int:

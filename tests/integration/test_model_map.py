@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import time
 import uuid
 
 import anthropic
@@ -22,6 +21,7 @@ import pytest
 
 from harness import StackHandle, stack_env
 from redis_server import redis_server  # noqa: F401 - fixture
+from stack_logs import access_line, usage_line, wait_for
 
 MODEL_MAP = "claude-sonnet-*=glm-4.7,claude-opus-*=glm-4.7,claude-haiku-*=glm-4.5-air"
 MODEL_FALLBACKS = "glm-5.1>glm-4.7>glm-4.5-air"
@@ -56,15 +56,6 @@ def openai_client(stack: StackHandle, request_id: str, headers: dict[str, str] |
                          http_client=httpx.Client(trust_env=False, timeout=60))
 
 
-def wait_for(predicate, timeout: float = 12.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
-
-
 def upstream(stack: StackHandle, request_id: str) -> list[dict]:
     """What the emulator received for one request, attempt by attempt (oldest first)."""
     return sorted((r for r in stack.upstream_requests() if r["request_id"] == request_id),
@@ -73,30 +64,6 @@ def upstream(stack: StackHandle, request_id: str) -> list[dict]:
 
 def sent_body(record: dict) -> dict:
     return json.loads(base64.b64decode(record["body_b64"]))
-
-
-def usage_line(stack: StackHandle, request_id: str) -> dict:
-    def find():
-        for name, line in list(stack.logs):
-            if name.startswith("extproc") and '"Token usage"' in line and request_id in line:
-                return json.loads(line)
-        return None
-    found = wait_for(find)
-    assert found, f"no Token usage line for {request_id}"
-    return found
-
-
-def access_line(stack: StackHandle, request_id: str) -> dict:
-    def find():
-        for name, line in list(stack.logs):
-            if name == "envoy" and line.startswith("{") and request_id in line:
-                doc = json.loads(line)
-                if doc.get("log") == "access":
-                    return doc
-        return None
-    found = wait_for(find)
-    assert found, f"no access log line for {request_id}"
-    return found
 
 
 def tokens_by_model(stack: StackHandle) -> dict[str, float]:

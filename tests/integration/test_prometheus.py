@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-import shutil
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx
 import pytest
 
-from harness import StackHandle, free_port, stack_env
+from harness import StackHandle, stack_env
+from prometheus_server import Prometheus, needs_prometheus
 
 SEED_QUERIES = [
     'sum by (deployment_variant) (rate(zai_proxy_requests_total[5m]))',
@@ -20,41 +19,17 @@ SEED_QUERIES = [
     'histogram_quantile(0.95, sum by (deployment_variant, le) '
     '(rate(zai_proxy_request_duration_seconds_bucket[5m])))',
 ]
-PROMETHEUS = shutil.which("prometheus")
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is installed by scripts/setup --test")
+@needs_prometheus
 @pytest.mark.timeout(180)
 def test_seed_queries_give_one_series_per_variant(tmp_path):
     env = stack_env(MAX_RETRIES="0", CANARY_WEIGHT="50")
     stack = StackHandle(tmp_path / "stack", env, variants=("production", "canary")).start()
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        "- job_name: zai-proxy\n"
-        "  static_configs:\n"
-        f"  - targets: ['127.0.0.1:{env['EXTPROC_ADMIN_PORT']}', "
-        f"'127.0.0.1:{env['CANARY_EXTPROC_ADMIN_PORT']}']\n")
-    prometheus = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    api = f"http://127.0.0.1:{port}/api/v1"
+    prometheus = Prometheus(tmp_path, [f"127.0.0.1:{env['EXTPROC_ADMIN_PORT']}",
+                                       f"127.0.0.1:{env['CANARY_EXTPROC_ADMIN_PORT']}"])
     try:
-        def targets_up() -> bool:
-            try:
-                targets = httpx.get(f"{api}/targets", trust_env=False, timeout=2).json()
-            except httpx.HTTPError:
-                return False
-            active = targets["data"]["activeTargets"]
-            return len(active) == 2 and all(t["health"] == "up" for t in active)
-
-        deadline = time.monotonic() + 30
-        while not targets_up():
-            assert time.monotonic() < deadline and prometheus.poll() is None, "Prometheus not scraping"
-            time.sleep(0.5)
+        prometheus.start()
         time.sleep(1.5)  # a baseline sample before the traffic
 
         def call(args: tuple[str, int]) -> int:
@@ -77,16 +52,12 @@ def test_seed_queries_give_one_series_per_variant(tmp_path):
             time.sleep(2.5)
 
         for query in SEED_QUERIES:
-            result = httpx.get(f"{api}/query", params={"query": query}, trust_env=False).json()
+            result = prometheus.query(query)
             assert result["status"] == "success", (query, result)
             series = {s["metric"].get("deployment_variant"): float(s["value"][1])
                       for s in result["data"]["result"]}
             assert set(series) == {"production", "canary"}, (query, series)
             assert all(v > 0 and not math.isnan(v) for v in series.values()), (query, series)
     finally:
-        prometheus.terminate()
-        try:
-            prometheus.wait(10)
-        except subprocess.TimeoutExpired:
-            prometheus.kill()
+        prometheus.stop()
         stack.stop()

@@ -514,17 +514,23 @@ def test_quota_codes_close_the_gate(gateway, code):
 
 # --------------------------------------------------------------------------- 1311
 
-def test_model_not_in_the_plan_1311_is_not_retried_and_moves_nothing(gateway):
-    code = "1311"
+def check_passed_through_moving_nothing(gateway: StackHandle, code: str, body: Any = None) -> None:
+    """One refused request on /api/anthropic (the emulator asked for `code`, or Z.AI's answer to
+    `body` sent as it is): passed through in the client's shape, not retried, the limiter neither
+    adjusted nor moved, and the operator log says it."""
     initial = limiter(gateway)
     before, mark = Metrics(gateway), len(gateway.logs)
-    exc = ask_anthropic(gateway, code)
+    exc = ask_anthropic(gateway, body=body) if body is not None else ask_anthropic(gateway, code)
     check_anthropic_answer(exc, code)
     after = Metrics(gateway)
     check_attempts(before, after, code, emulator_attempts(gateway))
     assert after.grew(before, "zai_proxy_rate_limit_adjustments_total") == 0
     limits_unmoved(limiter(gateway), initial)
     check_operator_log(gateway, mark, code)
+
+
+def test_model_not_in_the_plan_1311_is_not_retried_and_moves_nothing(gateway):
+    check_passed_through_moving_nothing(gateway, "1311")
 
 
 # --------------------------------------------------------------------------- bad parameters
@@ -538,14 +544,7 @@ PARAMETER_BODIES = {
 
 @pytest.mark.parametrize("code", sorted(PARAMETER_BODIES))
 def test_bad_parameters_are_passed_through_and_not_retried(gateway, code):
-    initial = limiter(gateway)
-    before, mark = Metrics(gateway), len(gateway.logs)
-    check_anthropic_answer(ask_anthropic(gateway, body=PARAMETER_BODIES[code]), code)
-    after = Metrics(gateway)
-    check_attempts(before, after, code, emulator_attempts(gateway))
-    assert after.grew(before, "zai_proxy_rate_limit_adjustments_total") == 0
-    limits_unmoved(limiter(gateway), initial)
-    check_operator_log(gateway, mark, code)
+    check_passed_through_moving_nothing(gateway, code, body=PARAMETER_BODIES[code])
 
 
 # Z.AI's own 400s for a model it does not know, and one that cannot serve the request; the
