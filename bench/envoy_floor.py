@@ -27,10 +27,13 @@ def write_gateway(settings: Settings, path: Path) -> Path:
 
 
 def strip_bootstrap(bootstrap: dict[str, Any]) -> dict[str, Any]:
-    hcm = envoy_config._hcm(bootstrap)
-    hcm["http_filters"] = [f for f in hcm["http_filters"]
-                           if f.get("typed_config", {}).get("@type") != EXT_PROC_TYPE]
-    assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.router"], hcm["http_filters"]
+    # Every listener: the split's and the pinned entrances' (production-only, canary-only).
+    for listener in bootstrap["static_resources"]["listeners"]:
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["http_filters"] = [f for f in hcm["http_filters"]
+                               if f.get("typed_config", {}).get("@type") != EXT_PROC_TYPE]
+        assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.router"], hcm["http_filters"]
+        _strip_per_route(hcm)  # the pinned entrances' routes are inline
     for cluster in bootstrap["static_resources"]["clusters"]:
         options = cluster.get("typed_extension_protocol_options", {}).get(envoy_config.HTTP_OPTIONS)
         if options is not None:

@@ -15,6 +15,9 @@ set-ups, which run side by side, each with its own ports:
                `extproc.local.stack.LocalStack` starts it, the limiter's limits opened wide so it never queues;
 - passthrough_inline, gateway_inline: the same two with RESPONSE_PROCESSING=inline (every body
                chunk waits for the ext_proc), for comparison with the default (observe).
+- gateway_2proc: the gateway with EXTPROC_PROCESSES=2 (issue 16): an admission process and an
+               observer process taking the observer's copies on EXTPROC_OBSERVER_PORT; its ext_proc
+               CPU and RSS are both processes' (the admission process and its children).
 
 The floor and pass-through clients send `x-api-key: <emulator key>` themselves (nothing swaps it);
 gateway clients send `Authorization: Bearer <worker token>` like Claude Code. For every scenario the
@@ -63,7 +66,7 @@ from extproc.local.stack import Emulator, envoy_argv, start_emulator, start_extp
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MARK = b"event: content_block_delta"
 PATH = "/api/anthropic/v1/messages?beta=true"
-SETUPS = ("floor", "passthrough", "gateway", "passthrough_inline", "gateway_inline")
+SETUPS = ("floor", "passthrough", "gateway", "gateway_2proc", "passthrough_inline", "gateway_inline")
 DEFAULT_SETUPS = SETUPS
 ENVOY_ARGS = ("--concurrency", "2")  # after the local stack's Envoy command line
 EMULATOR_ARGS = ("--log-level", "WARNING", "--input-tokens", "1000")
@@ -105,11 +108,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
 
 
+def children(pid: int) -> list[int]:
+    """An ext_proc's own children (EXTPROC_PROCESSES: its observer processes)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and its children (utime+stime of each, alive now)."""
+    return cpu_seconds(pid) + sum(cpu_seconds(c) for c in children(pid))
+
+
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident memory of a process and its children."""
+    total = 0.0
+    for one in [pid, *children(pid)]:
+        for line in Path(f"/proc/{one}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) / 1024
+    return total if total else float("nan")
 
 
 @dataclass
@@ -124,6 +143,7 @@ class Setup:
 
 def base_env(run_dir: Path, name: str, emulator: Emulator) -> dict[str, str]:
     scrub = ("ZAI_API_KEY_FILE", "WORKER_KEYS_FILE", "CANARY_WEIGHT", "REDIS_URL", "WORKER_BUDGETS_FILE",
+             "EXTPROC_PROCESSES", "EXTPROC_OBSERVER_PORT", "CANARY_EXTPROC_OBSERVER_PORT",
              "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
     env = {k: v for k, v in os.environ.items() if k not in scrub}
     env |= {
@@ -154,6 +174,8 @@ async def start_setups(group: ProcessGroup, run_dir: Path, emulator: Emulator,
         env = base_env(run_dir, name, emulator)
         if name.endswith("_inline"):
             env["RESPONSE_PROCESSING"] = "inline"
+        if name == "gateway_2proc":
+            env |= {"EXTPROC_PROCESSES": "2", "EXTPROC_OBSERVER_PORT": str(free_port())}
         settings = Settings.from_env(env)
         config = run_dir / name / "envoy.yaml"
         if name == "floor":
@@ -168,7 +190,9 @@ async def start_setups(group: ProcessGroup, run_dir: Path, emulator: Emulator,
             setup.extproc = await start_extproc(
                 group, name, env, log_file=run_dir / f"{name}.log",
                 argv=[sys.executable, str(ROOT / "bench" / "passthrough.py"),
-                      "--port", str(settings.extproc_grpc_port)])
+                      "--port", str(settings.extproc_grpc_port),
+                      *(["--observer-port", str(settings.extproc_observer_port)]
+                        if settings.extproc_observer_port else [])])
         elif name.startswith("gateway"):
             setup.extproc = await start_extproc(
                 group, f"extproc-{name}", env, log_file=run_dir / f"extproc-{name}.log",
@@ -321,6 +345,7 @@ class Point:
     errors: dict[str, int] = field(default_factory=dict)
     wall: float = 0.0
     extproc_cpu: float | None = None
+    admission_cpu: float | None = None  # the ext_proc's own process, without its children
     envoy_cpu: float = 0.0
     emulator_cpu: float = 0.0
     client_cpu: float = 0.0
@@ -373,7 +398,8 @@ async def run_point(setup: Setup, sc: Scenario, max_requests: int, max_seconds: 
         finally:
             conn.close()
 
-    cpu0 = cpu_seconds(ext.pid) if ext else None
+    cpu0 = tree_cpu_seconds(ext.pid) if ext else None
+    own0 = cpu_seconds(ext.pid) if ext else None
     assert setup.envoy
     env0, emu0, cli0 = cpu_seconds(setup.envoy.pid), cpu_seconds(emulator.pid), time.process_time()
     sampler = asyncio.create_task(sample())
@@ -389,7 +415,8 @@ async def run_point(setup: Setup, sc: Scenario, max_requests: int, max_seconds: 
     stop_sampling.set()
     await sampler
     if ext:
-        point.extproc_cpu = cpu_seconds(ext.pid) - cpu0  # type: ignore[operator]
+        point.extproc_cpu = tree_cpu_seconds(ext.pid) - cpu0  # type: ignore[operator]
+        point.admission_cpu = cpu_seconds(ext.pid) - own0  # type: ignore[operator]
         point.extproc_rss_max = rss_max[0]
         point.extproc_rss_end = rss_mb(ext.pid)
     point.envoy_cpu = cpu_seconds(setup.envoy.pid) - env0
@@ -440,6 +467,7 @@ def summarize(point: Point) -> dict[str, Any]:
     }
     if point.extproc_cpu is not None and ok:
         out |= {"extproc_cpu_s": round(point.extproc_cpu, 3),
+                "extproc_own_process_cpu_s": round(point.admission_cpu or 0.0, 3),
                 "extproc_cpu_ms_per_1k_req": point.extproc_cpu / len(ok) * 1e6,
                 "extproc_cpu_us_per_event": point.extproc_cpu / max(events, 1) * 1e6,
                 "extproc_rss_max_mb": round(point.extproc_rss_max or 0, 1),
@@ -585,7 +613,7 @@ async def main_async(args: argparse.Namespace) -> int:
                     except subprocess.TimeoutExpired:
                         spy.kill()
                         spy.wait()
-                print(f"{sc.name:>9} {name:>11}: " + json.dumps(
+                print(f"{sc.name:>9} {name:>13}: " + json.dumps(
                     {k: (round(v, 2) if isinstance(v, float) else v) for k, v in summary.items()}), flush=True)
                 await asyncio.sleep(1)  # let connections close and the ext_proc settle
         if args.soak:

@@ -8,7 +8,7 @@ observer's copies of bodies (observability mode) are read and not answered, as E
 health check on the `extproc_*` clusters passes exactly as with the real ext_proc. Same runtime
 as the real one: grpc.aio on uvloop, same message size limits.
 
-    .venv/bin/python bench/passthrough.py --port 50051
+    .venv/bin/python bench/passthrough.py --port 50051 [--observer-port 50053]
 
 Used by `bench/gateway.py` (set-up "passthrough"); it prints one JSON line with the port when ready.
 """
@@ -59,13 +59,15 @@ class PassThrough(pb_grpc.ExternalProcessorServicer):
             yield answers[request.WhichOneof("request")]
 
 
-async def serve(host: str, port: int, max_message: int) -> None:
+async def serve(host: str, port: int, max_message: int, observer_port: int | None = None) -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message),
                                       ("grpc.max_send_message_length", max_message)])
     pb_grpc.add_ExternalProcessorServicer_to_server(PassThrough(), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
+    if observer_port:  # where the observer's copies go when EXTPROC_OBSERVER_PORT is set
+        server.add_insecure_port(f"{host}:{observer_port}")
     await server.start()
     for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -83,12 +85,14 @@ def main() -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50051)
     parser.add_argument("--max-message-bytes", type=int, default=33554432 + 65536)
+    parser.add_argument("--observer-port", type=int, default=None,
+                        help="also serve the observer's copies here (EXTPROC_OBSERVER_PORT)")
     args = parser.parse_args()
     if os.environ.get("ZAI_BENCH_LOOP") == "asyncio":  # diagnosis: the stock event loop
-        asyncio.run(serve(args.host, args.port, args.max_message_bytes))
+        asyncio.run(serve(args.host, args.port, args.max_message_bytes, args.observer_port))
         return 0
     import uvloop  # the production ext_proc runs on uvloop too
-    uvloop.run(serve(args.host, args.port, args.max_message_bytes))
+    uvloop.run(serve(args.host, args.port, args.max_message_bytes, args.observer_port))
     return 0
 
 

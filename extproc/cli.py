@@ -27,13 +27,20 @@ def _run(coro: object) -> None:
         asyncio.run(coro)  # type: ignore[arg-type]
 
 
-def cmd_serve(_: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     from extproc.telemetry import logs
-    from extproc.server import Service, serve
+    from extproc.server import Service, serve, serve_observer
     from extproc.accounting.tokens import tune_gil_switching
 
     settings = Settings.from_env()
     tune_gil_switching()  # so counting threads hand the event loop the GIL within ~1 ms
+    if args.role == "observer":
+        if not args.handoff:
+            raise ConfigError("serve --role observer needs --handoff HOST:PORT (its admission "
+                              "process's gRPC port); for example: --handoff 127.0.0.1:50051")
+        logs.setup("extproc-observer", settings.log_level)
+        _run(serve_observer(settings, args.handoff))
+        return 0
     service = Service(settings)
     logs.setup("extproc", settings.log_level, service.secrets)
     _run(serve(service))
@@ -228,7 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run Envoy + ext_proc (+ the emulator without ZAI_API_KEY)") \
         .set_defaults(func=cmd_up)
-    sub.add_parser("serve", help="run the ext_proc service alone").set_defaults(func=cmd_serve)
+    serve = sub.add_parser("serve", help="run the ext_proc service alone")
+    serve.add_argument("--role", choices=("admission", "observer"), default="admission",
+                       help="admission (default: admits, records, serves /metrics; starts "
+                            "EXTPROC_PROCESSES-1 observer processes) or observer (started by it)")
+    serve.add_argument("--handoff", default=None,
+                       help="observer role: the admission process's gRPC address (host:port)")
+    serve.set_defaults(func=cmd_serve)
     render = sub.add_parser("render-envoy", help="write the Envoy bootstrap for this configuration")
     render.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
     render.add_argument("--routes", action="store_true",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
+import sys
 import time
 
 import grpc
@@ -34,6 +36,8 @@ from extproc.telemetry.usage_record import Reporter
 from extproc.accounting.estimator import TiktokenEstimator
 from extproc.proxy.servicer import ExternalProcessor
 from extproc.proxy.gateway import Claims, Gateway
+from extproc.proxy.handoff import (HandoffClaims, HandoffRecorder, ObserverGateway, Receiver,
+                                   Sender)
 from extproc.proxy.models import ModelRules
 from extproc.telemetry.model_metrics import ModelMetrics
 from extproc.accounting.tokens import TokenCounter
@@ -145,6 +149,14 @@ class Service:
                                models=rules)
         if self.model_metrics is not None:
             self.gateway.on_chain = self.model_metrics.on_chain
+        # What the observer processes (EXTPROC_PROCESSES above 1) hand over.
+        self.handoff = Receiver(self.gateway)
+        self.observer_processes = settings.extproc_processes - 1
+        if self.observer_processes and observer_port(settings) is None:
+            raise ConfigError(
+                f"EXTPROC_PROCESSES={settings.extproc_processes} needs EXTPROC_OBSERVER_PORT, a port "
+                "of its own (not EXTPROC_GRPC_PORT) that Envoy's observer cluster targets; for "
+                "example: EXTPROC_OBSERVER_PORT=50053")
         self.serving = False
 
     def on_attempt(self, verdict: AttemptVerdict) -> None:
@@ -186,11 +198,24 @@ async def serve(service: Service, stop: asyncio.Event | None = None) -> None:
         service.quota.start()
     pb_grpc.add_ExternalProcessorServicer_to_server(
         ExternalProcessor(service.gateway, service.on_stream), server)
+    server.add_generic_rpc_handlers((service.handoff.handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     grpc_address = f"{settings.extproc_bind_address}:{settings.extproc_grpc_port}"
     server.add_insecure_port(grpc_address)
+    own_observer_port = observer_port(settings)
+    observers: ObserverProcesses | None = None
+    if service.observer_processes:
+        observers = ObserverProcesses(service.observer_processes,
+                                      handoff_target(settings.extproc_bind_address,
+                                                     settings.extproc_grpc_port))
+    elif own_observer_port is not None:  # one process: the observer's copies come here too
+        server.add_insecure_port(f"{settings.extproc_bind_address}:{own_observer_port}")
     await server.start()
+    if observers is not None:
+        await observers.start()
+        assert own_observer_port is not None
+        await wait_listening(handoff_target(settings.extproc_bind_address, own_observer_port))
 
     runner = web.AppRunner(build_admin_app(service.readiness, service.metrics.exposition,
                                            service.limiter, settings.admin_token,
@@ -205,6 +230,8 @@ async def serve(service: Service, stop: asyncio.Event | None = None) -> None:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("ext_proc serving", extra={
         "grpc": grpc_address, "admin_port": settings.extproc_admin_port,
+        "observer_port": own_observer_port or settings.extproc_grpc_port,
+        "observer_processes": service.observer_processes,
         "deployment_variant": settings.deployment_variant,
         "worker_keys": "enforced" if service.gateway.worker_keys.enforced else "any token"})
 
@@ -221,6 +248,8 @@ async def serve(service: Service, stop: asyncio.Event | None = None) -> None:
     service.serving = False
     for name in ("", EXTPROC_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if observers is not None:
+        await observers.stop()
     await server.stop(grace=5)
     if service.quota is not None:
         await service.quota.stop()
@@ -228,3 +257,139 @@ async def serve(service: Service, stop: asyncio.Event | None = None) -> None:
     await service.limiter.stop()
     await service.limiter.store.close()
     await runner.cleanup()
+
+
+def observer_port(settings: Settings) -> int | None:
+    """The port of the observer's copies when it is not the gRPC port, else None."""
+    port = settings.extproc_observer_port
+    return None if port is None or port == settings.extproc_grpc_port else port
+
+
+def handoff_target(bind_address: str, port: int) -> str:
+    """Where a process on this host reaches a port bound on `bind_address`."""
+    host = "127.0.0.1" if bind_address in ("", "0.0.0.0", "::", "[::]") else bind_address
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+async def wait_listening(target: str, timeout: float = 30.0) -> None:
+    """Until something accepts connections at `target` (host:port)."""
+    host, _, port = target.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+            writer.close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no observer process listens on {target} after {timeout:.0f}s")
+            await asyncio.sleep(0.1)
+
+
+def die_with_parent() -> None:
+    """Linux (a `preexec_fn`): the kernel sends SIGTERM to the child if its parent dies (as in
+    local/processes.py, a layer above this one)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class ObserverProcesses:
+    """The admission process's observer processes (`zai-proxy serve --role observer`): started
+    with it, restarted if one dies, stopped with it (and killed by the kernel if it dies)."""
+
+    RESTART_SECONDS = 1.0
+
+    def __init__(self, count: int, handoff: str) -> None:
+        self.count = count
+        self.handoff = handoff
+        self.children: list[asyncio.subprocess.Process] = []
+        self._watch: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "extproc", "serve", "--role", "observer",
+                "--handoff", self.handoff]
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            *self.argv, stdin=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent)
+
+    async def start(self) -> None:
+        self.children = [await self._spawn() for _ in range(self.count)]
+        self._watch = asyncio.create_task(self._supervise())
+
+    async def _supervise(self) -> None:
+        while True:
+            waits = {asyncio.ensure_future(child.wait()): i for i, child in enumerate(self.children)}
+            done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            for task in done:
+                index = waits[task]
+                log.warning("observer process exited; restarting it", extra={
+                    "pid": self.children[index].pid, "code": self.children[index].returncode})
+                await asyncio.sleep(self.RESTART_SECONDS)
+                self.children[index] = await self._spawn()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        for child in self.children:
+            if child.returncode is None:
+                child.send_signal(signal.SIGTERM)
+        for child in self.children:
+            try:
+                await asyncio.wait_for(child.wait(), timeout)
+            except asyncio.TimeoutError:
+                child.kill()
+                await child.wait()
+
+
+async def serve_observer(settings: Settings, handoff: str, stop: asyncio.Event | None = None) -> None:
+    """An observer process: the observer's copies of bodies on EXTPROC_OBSERVER_PORT (shared with
+    the variant's other observer processes, SO_REUSEPORT), each request's claim, 2xx and outcome
+    handed to the admission process at `handoff`."""
+    port = observer_port(settings)
+    if port is None:
+        raise ConfigError("an observer process needs EXTPROC_OBSERVER_PORT (not EXTPROC_GRPC_PORT); "
+                          "for example: EXTPROC_OBSERVER_PORT=50053")
+    sender = Sender(handoff)
+    gateway = ObserverGateway(
+        UpstreamKey(settings.api_key, settings.api_key_file) if settings.has_upstream_key
+        else UpstreamKey("unused"), WorkerKeys(None), HandoffRecorder(sender),
+        TiktokenEstimator(TokenCounter()), count_tokens=settings.token_counting,
+        max_request_body_bytes=settings.max_request_body_bytes, claims=HandoffClaims(sender),
+        sender=sender)
+    limit = settings.max_request_body_bytes + GRPC_MESSAGE_OVERHEAD
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 1),
+    ])
+    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(gateway), server)
+    health_servicer = health.aio.HealthServicer()  # Envoy health-checks the observer cluster too
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{settings.extproc_bind_address}:{port}"
+    server.add_insecure_port(address)
+    sender.start()
+    await server.start()
+    for name in ("", EXTPROC_SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("ext_proc observer serving", extra={"grpc": address, "handoff": handoff,
+                                                 "pid": os.getpid(),
+                                                 "deployment_variant": settings.deployment_variant})
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    await stop.wait()
+    for name in ("", EXTPROC_SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(grace=5)
+    await sender.close()

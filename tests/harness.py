@@ -25,7 +25,8 @@ from extproc.local.stack import LocalStack
 # Settings a developer's shell might carry that would change what the tests run against.
 _SCRUB = ("ZAI_API_KEY", "ENVOY_ROUTES_DIR", "CANARY_WEIGHT", "ZAI_API_KEY_FILE", "ZAI_TARGET_URL", "ZAI_OPENAI_URL", "WORKER_KEYS_FILE",
           "DEPLOYMENT_VARIANT", "LISTEN_PORT", "LISTEN_ADDRESS", "HTTP_PROXY", "HTTPS_PROXY",
-          "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
+          "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy", "EXTPROC_PROCESSES",
+          "EXTPROC_OBSERVER_PORT", "CANARY_EXTPROC_OBSERVER_PORT")
 
 
 # Files the stacks' processes write outside a test's own directory; removed when the session ends.

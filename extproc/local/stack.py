@@ -8,7 +8,7 @@ set-ups' processes with the functions below (`envoy_argv`, `start_emulator`, `st
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 from urllib.parse import urlsplit
@@ -154,10 +154,13 @@ class LocalStack:
     def extproc_address(self, variant: Variant, index: int = 0) -> ExtprocAddress:
         """Where replica `index` of a variant listens: the settings' ports for the first, free
         loopback ports for the others."""
-        if index == 0:
-            return ExtprocAddress.of(self.settings, variant)
         if (variant, index) not in self._extra:
-            self._extra[variant, index] = ExtprocAddress("127.0.0.1", free_port(), free_port())
+            address = (ExtprocAddress.of(self.settings, variant) if index == 0
+                       else ExtprocAddress("127.0.0.1", free_port(), free_port()))
+            if self.settings.extproc_processes > 1 and (index or address.observer_port is None):
+                # Observer processes share a port of their own (EXTPROC_PROCESSES).
+                address = replace(address, observer_port=free_port())
+            self._extra[variant, index] = address
         return self._extra[variant, index]
 
     def extprocs(self, variant: Variant) -> list[ExtprocAddress]:
@@ -173,7 +176,8 @@ class LocalStack:
         variant = Variant(variant)
         address = self.extproc_address(variant, index)
         env = self.env | {"EXTPROC_GRPC_PORT": str(address.grpc_port),
-                          "EXTPROC_ADMIN_PORT": str(address.admin_port)}
+                          "EXTPROC_ADMIN_PORT": str(address.admin_port),
+                          "EXTPROC_OBSERVER_PORT": str(address.observer_port or "")}
         if variant is not Variant.PRODUCTION:
             env["DEPLOYMENT_VARIANT"] = variant.value
         return await start_extproc(self.group, self.extproc_name(variant, index), env,

@@ -20,7 +20,8 @@ class Observation:
         self.gateway = gateway
         self.ticket = ticket
         self.record = RequestRecord(gateway, ticket.endpoint, ticket.worker, ticket.request_id,
-                                    ticket.started, agent_session=ticket.agent_session)
+                                    ticket.started, agent_session=ticket.agent_session,
+                                    session=ticket.session)
         self.owned = False
 
     async def attach(self) -> bool:

@@ -49,6 +49,9 @@ class Outcome:
     error_code: str | None = None
     malformed_request: str | None = None
     agent_session: str | None = None  # the client's conversation id, when it sends one
+    # The gateway's id of the request (its ticket's session): how an observer process's outcome
+    # finds its claim in the admission process (proxy/handoff.py).
+    session: str | None = None
 
 
 class Recorder(Protocol):

@@ -49,6 +49,7 @@ class RequestRecord:
     body_seen: bool = False  # a response body chunk went by
     went_upstream: bool = True  # False: answered by the gateway itself (no tokens)
     agent_session: str | None = None  # from the client's session header (X-Claude-Code-Session-Id)
+    session: str | None = None  # the ticket's session id, where it has one
     recorded: bool = False
     # The model the last upstream attempt was sent with, when MODEL_MAP / MODEL_FALLBACKS changed
     # it (the attempt filter says so in Envoy's dynamic metadata); the client's body names the
@@ -122,18 +123,13 @@ class RequestRecord:
         # A stream that ended in an error event did not complete, whatever its status said.
         completed = (completed or self.response_ended) and facts.error_type is None
         requested = self.info.model if self.info is not None else None
-        if status == 200 and facts.error_type is not None:
-            self._report_stream_error(facts)
         # Only a successful generation costs tokens; a rejection (429, 401, ...) or a
         # count_tokens call does not.
         billable = (self.went_upstream and 200 <= status < 300
                     and self.endpoint is not Endpoint.COUNT_TOKENS)
         tokens = await self._settle(facts) if billable else None
         first = facts.first_token_at
-        limiter = self.gateway.limiter
-        if billable and limiter is not None and tokens is not None:
-            await limiter.settle_budget(self.worker, 0, tokens.input + tokens.output)
-        return await self.gateway.recorder.record(Outcome(
+        outcome = Outcome(
             endpoint=self.endpoint, worker=self.worker, request_id=self.request_id, status=status,
             duration=max(0.0, self.gateway.clock() - self.started), completed=completed,
             requested_model=requested, model=facts.model or self.attempted_model or requested,
@@ -142,15 +138,10 @@ class RequestRecord:
             error_type=facts.error_type, error_code=facts.error_code,
             malformed_request=self.info.malformed if self.info is not None else None,
             agent_session=self.agent_session or (
-                self.info.agent_session if self.info is not None else None)))
-
-    def _report_stream_error(self, facts: ResponseFacts) -> None:
-        """An error event inside a 200 stream tells the limiter what a 429 would have (the
-        metrics count it from the outcome)."""
-        limiter = self.gateway.limiter
-        signal = classify(200, facts.error_code, facts.error_type)
-        if limiter is not None and signal is not Signal.SUCCESS:
-            limiter.on_attempt(signal, facts.error_code, None, None)
+                self.info.agent_session if self.info is not None else None),
+            session=self.session)
+        await account_for(self.gateway, outcome)
+        return await self.gateway.recorder.record(outcome)
 
     async def _settle(self, facts: ResponseFacts) -> Tokens:
         """Reported usage where Z.AI sent it; estimates where it did not."""
@@ -183,3 +174,18 @@ class RequestRecord:
             return 0
         text = self.response.delivered_text()
         return await self.gateway.estimator.count_text(text) if text else 0
+
+
+async def account_for(gateway: Gateway, outcome: Outcome) -> None:
+    """What a recorded request tells the limiter, where there is one (the admission process): an
+    error event inside a 200 stream tells it what a 429 would have (the metrics count it from the
+    outcome), and the tokens of a billable request settle the worker's budget."""
+    limiter = gateway.limiter
+    if limiter is None:
+        return
+    if outcome.status == 200 and outcome.error_type is not None:
+        signal = classify(200, outcome.error_code, outcome.error_type)
+        if signal is not Signal.SUCCESS:
+            limiter.on_attempt(signal, outcome.error_code, None, None)
+    if outcome.tokens is not None:
+        await limiter.settle_budget(outcome.worker, 0, outcome.tokens.input + outcome.tokens.output)

@@ -142,9 +142,11 @@ def test_quota_error_closes_the_gate_until_the_reset(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_every_slot_comes_back_whatever_happens(tmp_path):
-    """1,000 requests: client disconnects while queued and mid-stream, and upstream cuts."""
-    handle = StackHandle(tmp_path, stack_env(**fixed_limit(8)),
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_every_slot_comes_back_whatever_happens(tmp_path, processes):
+    """1,000 requests: client disconnects while queued and mid-stream, and upstream cuts; with the
+    variant's ext_proc as one process, and as an admission process and an observer process."""
+    handle = StackHandle(tmp_path, stack_env(**fixed_limit(8), EXTPROC_PROCESSES=processes),
                          emulator_args=["--events-per-stream", "6", "--event-interval", "0.02"]).start()
     rng = random.Random(7)
     outcomes: dict[str, int] = {}

@@ -61,9 +61,12 @@ class Sent:
     errors: list[str] = field(default_factory=list)
 
 
-@pytest.fixture(scope="module")
-def topology(tmp_path_factory, redis_server):  # noqa: F811
+@pytest.fixture(scope="module", params=["1", "2"], ids=["one-process", "two-processes"])
+def topology(request, tmp_path_factory, redis_server):  # noqa: F811
+    """EXTPROC_PROCESSES=2: each of the four ext_procs is an admission process and an observer
+    process (the copies on a port of their own, handed back to it)."""
     env = stack_env(
+        EXTPROC_PROCESSES=request.param,
         REDIS_URL=redis_server.url, CANARY_WEIGHT="50", MAX_RETRIES="1",
         # Faults teach the limiter; keep what it can learn above what this test needs to finish.
         RATE_LIMIT_MIN="4", RATE_LIMIT_INITIAL="8", RATE_LIMIT_MAX="16",

@@ -118,3 +118,44 @@ def test_bodies_inline_where_the_gateway_may_change_them(mode):
                 assert observer.get("disabled") is True
             else:
                 assert "processing_mode" not in main and "disabled" not in observer
+
+
+def _observer_cluster(bootstrap: dict, variant: str) -> dict:
+    return next(c for c in bootstrap["static_resources"]["clusters"]
+                if c["name"] == f"extproc_observer_{variant}")
+
+
+def _ports(cluster: dict) -> list[int]:
+    return [e["endpoint"]["address"]["socket_address"]["port_value"]
+            for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+
+
+def test_observer_copies_go_to_the_observer_port_when_one_is_set():
+    plain = render(settings())
+    for variant, port in (("production", 50051), ("canary", 50052)):
+        cluster = _observer_cluster(plain, variant)
+        assert _ports(cluster) == [port]  # unset: the gRPC port, as always
+        http2 = cluster["typed_extension_protocol_options"][
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]["http2_protocol_options"]
+        assert "max_concurrent_streams" not in http2
+    split = render(settings(EXTPROC_OBSERVER_PORT="50053", CANARY_EXTPROC_OBSERVER_PORT="50054"))
+    for variant, port in (("production", 50053), ("canary", 50054)):
+        cluster = _observer_cluster(split, variant)
+        assert _ports(cluster) == [port]
+        http2 = cluster["typed_extension_protocol_options"][
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]["http2_protocol_options"]
+        assert http2["max_concurrent_streams"] > 1  # several connections: several processes
+    # The request filter's and the attempt filter's clusters keep the gRPC port.
+    by_name = {c["name"]: c for c in split["static_resources"]["clusters"]}
+    assert _ports(by_name["extproc_production"]) == [50051]
+
+
+@pytest.mark.parametrize("raw, ok", [("1", True), ("3", True), ("auto", True), ("AUTO", True),
+                                     ("0", False), ("-1", False), ("two", False)])
+def test_extproc_processes_setting(raw, ok):
+    from extproc.config import ConfigError
+    if ok:
+        assert settings(EXTPROC_PROCESSES=raw).extproc_processes >= 1
+    else:
+        with pytest.raises(ConfigError, match="EXTPROC_PROCESSES"):
+            settings(EXTPROC_PROCESSES=raw)
