@@ -182,8 +182,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
-    import time
-
+    from extproc.canary.commands import state_line, weights_through_api
+    from extproc.canary.routes import FileRoutes
     from extproc.routing import weights
     from extproc.routing.envoy_config import routes_path
 
@@ -191,43 +191,30 @@ def cmd_weights(args: argparse.Namespace) -> int:
     if args.routes_dir:
         settings = Settings.from_env({**os.environ, "ENVOY_ROUTES_DIR": args.routes_dir})
     if getattr(args, "configmap", None) or (settings.routes_configmap and not args.offline):
-        from extproc.canary.commands import weights_through_api
-
         return weights_through_api(args, settings)
-    path = routes_path(settings)
+    # `show` asks Envoy once; a change waits up to 3 s for Envoy to take the file.
+    target = FileRoutes(routes_path(settings), None if args.offline else settings.envoy_admin_port,
+                        confirm_timeout=0.0 if args.action == "show" else 3.0)
     try:
         if args.action == "show":
-            current = weights.split(weights.load(path))
+            current = target.current()
         else:
             percent = 0 if args.action == "fallback" else args.percent
             note = "fallback to production" if args.action == "fallback" else "zai-proxy weights set"
-            current = weights.apply(path, percent, note)
+            current = target.set(percent, note)
     except weights.RoutesError as exc:
         sys.stderr.write(f"zai-proxy weights: refused: {exc}\n(the routes in force are unchanged)\n")
         return 2
     sys.stdout.write(f"split: production {100 - current.canary_percent:g}% / canary "
                      f"{current.canary_percent:g}% on {current.routes} routes\n"
-                     f"routes file: {path}\nlast change: {current.version}\n")
+                     f"routes file: {target.path}\nlast change: {current.version}\n")
     if args.action == "show":
-        from extproc.canary.commands import state_line
-
         sys.stdout.write(state_line(settings) or "")
     if args.offline:
         return 0
-    serving = weights.envoy_version(settings.envoy_admin_port)
-    deadline = time.monotonic() + (3.0 if args.action != "show" else 0.0)
-    while serving is not None and serving != current.version and time.monotonic() < deadline:
-        time.sleep(0.1)
-        serving = weights.envoy_version(settings.envoy_admin_port)
-    if serving is None:
-        sys.stdout.write("Envoy: not reachable on its admin port; cannot confirm what it serves\n")
-    elif serving == current.version:
-        sys.stdout.write("Envoy: serving these routes\n")
-    else:
-        sys.stdout.write(f"Envoy: still serving {serving!r} — it refused the file (see its log); "
-                         "the last good routes stay in force\n")
-        return 1
-    return 0
+    served, line = target.confirm(current)
+    sys.stdout.write(line + "\n")
+    return 1 if served is False else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
@@ -18,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc.telemetry.admin import build_admin_app
 from extproc.config import ConfigError, Settings
 from extproc.variants import DEFAULT
+from extproc.lifecycle import die_with_parent, wait_for_stop_signal
 from extproc.proxy.attempt import AttemptVerdict
 from extproc.proxy.keys import KeyUnavailable, UpstreamKey, WorkerKeys, fingerprint
 from extproc.limiter.account import AccountLimiter, LimiterSettings, load_budgets
@@ -235,14 +235,7 @@ async def serve(service: Service, stop: asyncio.Event | None = None) -> None:
         "deployment_variant": settings.deployment_variant,
         "worker_keys": "enforced" if service.gateway.worker_keys.enforced else "any token"})
 
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
-    await stop.wait()
+    await wait_for_stop_signal(stop)
 
     log.info("ext_proc stopping")
     service.serving = False
@@ -284,15 +277,6 @@ async def wait_listening(target: str, timeout: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no observer process listens on {target} after {timeout:.0f}s")
             await asyncio.sleep(0.1)
-
-
-def die_with_parent() -> None:
-    """Linux (a `preexec_fn`): the kernel sends SIGTERM to the child if its parent dies (as in
-    local/processes.py, a layer above this one)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class ObserverProcesses:
@@ -381,14 +365,7 @@ async def serve_observer(settings: Settings, handoff: str, stop: asyncio.Event |
     log.info("ext_proc observer serving", extra={"grpc": address, "handoff": handoff,
                                                  "pid": os.getpid(),
                                                  "deployment_variant": settings.deployment_variant})
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
-    await stop.wait()
+    await wait_for_stop_signal(stop)
     for name in ("", EXTPROC_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(grace=5)

@@ -22,7 +22,8 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
-from extproc.local.processes import die_with_parent, free_port
+from extproc.lifecycle import die_with_parent
+from extproc.local.processes import free_port
 
 PROMETHEUS = shutil.which("prometheus")
 needs_prometheus = pytest.mark.skipif(PROMETHEUS is None,

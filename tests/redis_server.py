@@ -17,7 +17,8 @@ from typing import Iterator
 
 import pytest
 
-from extproc.local.processes import die_with_parent, free_port
+from extproc.lifecycle import die_with_parent
+from extproc.local.processes import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 

@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 
 from extproc.config import ConfigError, Settings, is_loopback
+from extproc.lifecycle import cancel_and_wait
 from extproc.dashboard.collector import Collector
 from extproc.dashboard.events import Hub
 from extproc.dashboard.history import DbThread, History, Reader, connect
@@ -107,12 +108,7 @@ async def serve(settings: Settings, ready: Callable[[str], None] | None = None) 
         task = asyncio.create_task(collector.run())
         await stop.wait()
     finally:
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
         hub.close()
         await runner.cleanup()
         await source.close()

@@ -63,6 +63,28 @@ class Collection:
     replicas: dict[str, int] = field(default_factory=dict)  # variant -> replicas that answered
 
 
+class _HttpClient:
+    """One aiohttp session per source, made on first use with the source's timeout and
+    connection limit, closed with the source."""
+
+    def __init__(self, timeout: float, connections: int) -> None:
+        self._timeout = timeout
+        self._connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+                connector=aiohttp.TCPConnector(limit=self._connections, keepalive_timeout=60))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 class ExtprocSource:
     kind = "extproc"
 
@@ -70,7 +92,7 @@ class ExtprocSource:
         self.targets = list(targets)
         self.interval = interval
         self.deltas = Deltas()
-        self._session: aiohttp.ClientSession | None = None
+        self._http = _HttpClient(max(1.0, min(4.0, interval * 0.8)), connections=32)
 
     @property
     def variants(self) -> list[str]:
@@ -84,19 +106,10 @@ class ExtprocSource:
                 self.deltas.replicas[replica] = state
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            timeout = aiohttp.ClientTimeout(total=max(1.0, min(4.0, self.interval * 0.8)))
-            self._session = aiohttp.ClientSession(
-                timeout=timeout, connector=aiohttp.TCPConnector(limit=32, keepalive_timeout=60))
-        return self._session
+        await self._http.close()
 
     async def _scrape(self, target: Target) -> str:
-        async with self._client().get(f"{target.url}/metrics") as resp:
+        async with self._http.session().get(f"{target.url}/metrics") as resp:
             if resp.status != 200:
                 raise RuntimeError(f"HTTP {resp.status}")
             body = await resp.content.read(MAX_EXPOSITION_BYTES + 1)
@@ -226,7 +239,7 @@ class PrometheusSource:
         self.interval = interval
         self._last: float | None = None
         self._seen: set[str] = set()
-        self._session: aiohttp.ClientSession | None = None
+        self._http = _HttpClient(max(1.0, min(8.0, interval * 1.5)), connections=8)
 
     @property
     def variants(self) -> list[str]:
@@ -236,19 +249,10 @@ class PrometheusSource:
         """Nothing to carry on from: Prometheus keeps the counters."""
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            timeout = aiohttp.ClientTimeout(total=max(1.0, min(8.0, self.interval * 1.5)))
-            self._session = aiohttp.ClientSession(timeout=timeout,
-                                                  connector=aiohttp.TCPConnector(limit=8))
-        return self._session
+        await self._http.close()
 
     async def query(self, promql: str, at: float) -> list[dict[str, Any]]:
-        async with self._client().get(f"{self.url}/api/v1/query",
+        async with self._http.session().get(f"{self.url}/api/v1/query",
                                       params={"query": promql, "time": f"{at:.3f}"}) as resp:
             try:
                 doc = await resp.json(content_type=None)

@@ -1,7 +1,9 @@
-"""Rate limiting: pure algorithms, no I/O.
+"""Rate limiting and the account's quota.
 
-- `signals`: what an upstream answer means (Z.AI business codes, reset times).
-- `adaptive`: limits that learn the account's capacity (concurrency and start rate).
-- `budget`: per-worker requests/tokens per minute (token buckets) and their file format.
-- `quota`: the gate that stops upstream calls after a quota error until the reset.
+Pure parts (no I/O): `codes` (every Z.AI code's behaviour), `signals` (an answer → what it means,
+reset times), `adaptive` (limits that learn the account's capacity), `fair_queue`, `admission`
+(the queue in front of the limits), `budget` (per-worker requests/tokens per minute), `quota`
+(the gate after a quota error), `quota_report` (Z.AI's quota report read), `pacing` (burn rate,
+run-out, the priority reserve). Edges: `account` (the limiter of one account over its state
+store), `quota_poller` (polls Z.AI's report), `stores/` (in-process, Redis, failover).
 """

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from extproc.lifecycle import cancel_and_wait
 from extproc.limiter.adaptive import AdaptiveLimit, AdaptiveParams, Adjustment
 from extproc.limiter.admission import Admission, AdmissionHooks, Permit, Rejected
 from extproc.limiter.budget import EVERY_WORKER, BudgetConfig, parse_budgets
@@ -252,12 +253,7 @@ class AccountLimiter:
         self._task = asyncio.ensure_future(self._housekeeping())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         await self._save()
 
     def _mark_dirty(self) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 import orjson
 
+from extproc.lifecycle import cancel_and_wait
 from extproc.limiter.pacing import Pacer
 from extproc.limiter.quota_report import GATE_CODES, QuotaReport, QuotaReportError, parse_report
 from extproc.limiter.stores.base import LimiterStore, StoreUnavailable
@@ -131,12 +132,7 @@ class QuotaPoller:
         self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         while True:

@@ -5,7 +5,6 @@ logs, stop. Used by `zai-proxy up`, by the integration tests and by the benchmar
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
 import shutil
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import IO, Callable, Mapping
 
 import aiohttp
+
+from extproc.lifecycle import die_with_parent
 
 LineSink = Callable[[str, str], None]
 
@@ -44,16 +45,6 @@ class FileSink:
         for out in self._files.values():
             out.close()
         self._files.clear()
-
-
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Linux (a `preexec_fn`): the kernel sends `sig` to the child if its parent dies without
-    cleaning up."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, sig)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def free_port() -> int:

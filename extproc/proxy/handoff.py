@@ -28,6 +28,7 @@ import grpc
 import orjson
 
 from extproc.api import Endpoint
+from extproc.lifecycle import cancel_and_wait
 from extproc.proxy.gateway import Claims, Gateway
 from extproc.proxy.outcome import Outcome, Tokens
 from extproc.proxy.request_record import account_for
@@ -212,12 +213,7 @@ class Sender:
         deadline = asyncio.get_running_loop().time() + timeout
         while not self.queue.empty() and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         while True:
