@@ -596,9 +596,12 @@ async def main_async(args: argparse.Namespace) -> int:
             for name in args.setups:
                 setup = setups[name]
                 spy = None
-                if args.profile and name.startswith("gateway") and setup.extproc:
+                if args.profile and setup.extproc:
                     spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-d",
-                                            str(int(args.profile)), "-r", "200", "--nonblocking", "-f", "raw",
+                                            str(int(args.profile)), "-f", "raw",
+                                            # --native (C frames too) must pause the process per sample
+                                            *(["-r", "100", "--native"] if os.environ.get("ZAI_BENCH_NATIVE")
+                                              else ["-r", "200", "--nonblocking"]),
                                             "-o", str(run_dir / f"profile-{sc.name}-{name}.txt"),
                                             "--pid", str(setup.extproc.pid)],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -654,7 +657,7 @@ def main() -> int:
                              "run with RESPONSE_PROCESSING=inline)")
     parser.add_argument("--concurrency", type=int, default=0, help="override every scenario's concurrency")
     parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
-                        help="py-spy record the full gateway's ext_proc for SECONDS at the start of each "
+                        help="py-spy record each set-up's ext_proc for SECONDS at the start of each "
                              "measured gateway point (collapsed stacks in the run dir; needs py-spy)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "gateway-last.json"))
     args = parser.parse_args()

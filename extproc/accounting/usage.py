@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from extproc.api import Api
-from extproc.accounting.sse import SseEvent
+from extproc.accounting.sse import SseEvent, SseParser
 
 # Past this much retained delta data the fallback estimate stops growing (memory bound).
 MAX_RETAINED_DELTA_BYTES = 16 * 1024 * 1024
@@ -105,18 +105,21 @@ def error_fields(doc: Any) -> tuple[str | None, str | None]:
 
 
 class _DeltaText:
-    """Raw content-delta payloads, decoded to text only when an estimate is needed."""
+    """Raw content-delta payloads, decoded to text only when an estimate is needed: an event's
+    data, or (in a 1-tuple) a chunk of whole events kept without being parsed."""
 
     __slots__ = ("parts", "size")
 
     def __init__(self) -> None:
-        self.parts: list[bytes] = []
+        self.parts: list[bytes | tuple[bytes]] = []
         self.size = 0
 
-    def keep(self, data: bytes) -> None:
+    def keep(self, data: bytes | tuple[bytes]) -> None:
         if self.size < MAX_RETAINED_DELTA_BYTES:
             self.parts.append(data)
-            self.size += len(data)
+            self.size += len(data) if isinstance(data, bytes) else len(data[0])
+
+
 
 
 class AnthropicStream:
@@ -127,6 +130,19 @@ class AnthropicStream:
     def __init__(self) -> None:
         self.facts = ResponseFacts()
         self._deltas = _DeltaText()
+
+    def skips(self, chunk: bytes, parser: SseParser) -> bool:
+        """Whether `chunk` can go by unparsed (the hot path of a long stream): it ends at an event
+        boundary where none was pending, the first token is behind us, and it holds none of the
+        bytes every event the tracker records must contain (usage in message_start and
+        message_delta, message_stop, an error's name or payload; in content, quotes are escaped).
+        Such a chunk is kept raw for the fallback estimate."""
+        if (self.facts.first_token_at is None or not chunk.endswith(b"\n\n") or parser.pending()
+                or b"message_" in chunk or b'"error"' in chunk or b"event: error" in chunk
+                or b"event:error" in chunk):
+            return False
+        self._deltas.keep((chunk,))
+        return True
 
     def on_event(self, event: SseEvent, now: float) -> bool:
         """Record one event; always forwarded (returns True)."""
@@ -154,6 +170,17 @@ class AnthropicStream:
             self.facts.error_type = self.facts.error_type or "error"
         return True
 
+    def _delta_payloads(self) -> list[bytes]:
+        payloads: list[bytes] = []
+        for part in self._deltas.parts:
+            if isinstance(part, bytes):
+                payloads.append(part)
+                continue
+            for event in SseParser().feed(part[0], True):
+                if (event.event or self._sniff(event.data)) == b"content_block_delta":
+                    payloads.append(event.data)
+        return payloads
+
     @staticmethod
     def _sniff(data: bytes) -> bytes:
         """The event type from the payload, for streams that omit `event:` lines."""
@@ -162,7 +189,7 @@ class AnthropicStream:
 
     def delivered_text(self) -> str:
         texts: list[str] = []
-        for raw in self._deltas.parts:
+        for raw in self._delta_payloads():
             doc = _loads(raw)
             delta = doc.get("delta") if isinstance(doc, dict) else None
             if isinstance(delta, dict):
@@ -186,6 +213,9 @@ class OpenAIStream:
         self.facts = ResponseFacts()
         self._deltas = _DeltaText()
         self.drop_usage_chunk = drop_usage_chunk
+
+    def skips(self, chunk: bytes, parser: SseParser) -> bool:
+        return False  # OpenAI streams pass inline, where each chunk may be re-framed
 
     def on_event(self, event: SseEvent, now: float) -> bool:
         data = event.data

@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from extproc.ids import unique_id
 from extproc.limiter.adaptive import Adjustment, AdaptiveLimit
 from extproc.limiter.fair_queue import FairQueue
 from extproc.limiter.quota import QuotaGate
@@ -157,7 +157,7 @@ class Admission:
 
     async def _try_start(self, worker: str) -> Permit | None:
         now = self.wall()
-        lease_id = uuid.uuid4().hex
+        lease_id = unique_id()
         limit = self.concurrency.allowed()
         # Cancelled (the client left) at either await, the lease may be held in the store: it is
         # released in the background, never left to its TTL.

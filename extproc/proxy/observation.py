@@ -33,8 +33,8 @@ class Observation:
             self.gateway.open.discard(self)
         return self.owned
 
-    async def on_request_chunk(self, chunk: bytes, end_of_stream: bool) -> None:
-        await self.record.on_request_chunk(chunk, end_of_stream)
+    def on_request_chunk(self, chunk: bytes, end_of_stream: bool) -> None:
+        self.record.on_request_chunk(chunk, end_of_stream)
 
     def on_response_headers(self, headers: Mapping[str, str], end_of_stream: bool) -> None:
         self.record.on_response_headers(headers, end_of_stream)

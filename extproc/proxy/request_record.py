@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from extproc.accounting.json_splice import set_member
-from extproc.accounting.request_body import RequestInfo
+from extproc.accounting.request_body import RequestInfo, RequestPeek, peek_request
 from extproc.accounting.response_body import ResponseBody
 from extproc.accounting.usage import ResponseFacts
 from extproc.api import Endpoint
@@ -81,15 +81,26 @@ class RequestRecord:
             return BodyChange(new_body, HeaderChanges(set=(("content-length", str(len(new_body))),)))
         return None
 
-    async def on_request_chunk(self, chunk: bytes, end_of_stream: bool) -> None:
-        """A copy of a request body chunk; the whole body is read at its end."""
+    def on_request_chunk(self, chunk: bytes, end_of_stream: bool) -> None:
+        """A copy of a request body chunk (nothing can be changed). The chunks are only kept:
+        what the record needs of them is read when the request is recorded, and usually that is
+        the model alone (`_read_request`)."""
         if self._request_size <= self.gateway.max_request_body_bytes:
             self._request_parts.append(chunk)
             self._request_size += len(chunk)
-        if end_of_stream:
-            body = b"".join(self._request_parts)
-            self._request_parts = []
+
+    async def _read_request(self, facts: ResponseFacts, status: int) -> RequestPeek | None:
+        """The kept copy of the request body, read as far as the record needs. Parsed whole (the
+        texts to count) only if the response did not report the input or failed; otherwise its
+        model and agent session are peeked at, which costs nothing on the common body."""
+        if self.info is not None or not self._request_parts:
+            return None
+        body = self._request_parts[0] if len(self._request_parts) == 1 else b"".join(self._request_parts)
+        self._request_parts = []
+        if facts.usage.input is None or not 200 <= status < 300:
             await self.on_request_body(body, mutable=False)
+            return None
+        return peek_request(body)
 
     # -- response -----------------------------------------------------------------------------
 
@@ -120,9 +131,11 @@ class RequestRecord:
         self.recorded = True
         status = self.status if self.status is not None else CLIENT_CLOSED
         facts = self.response.facts if self.response is not None else ResponseFacts()
+        peek = await self._read_request(facts, status)
         # A stream that ended in an error event did not complete, whatever its status said.
         completed = (completed or self.response_ended) and facts.error_type is None
-        requested = self.info.model if self.info is not None else None
+        requested = (self.info.model if self.info is not None
+                     else peek.model if peek is not None else None)
         # Only a successful generation costs tokens; a rejection (429, 401, ...) or a
         # count_tokens call does not.
         billable = (self.went_upstream and 200 <= status < 300
@@ -138,7 +151,8 @@ class RequestRecord:
             error_type=facts.error_type, error_code=facts.error_code,
             malformed_request=self.info.malformed if self.info is not None else None,
             agent_session=self.agent_session or (
-                self.info.agent_session if self.info is not None else None),
+                self.info.agent_session if self.info is not None
+                else peek.agent_session if peek is not None else None),
             session=self.session)
         await account_for(self.gateway, outcome)
         return await self.gateway.recorder.record(outcome)

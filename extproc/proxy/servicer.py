@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Mapping
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -72,11 +72,21 @@ def immediate(reply: ImmediateReply) -> pb.ProcessingResponse:
         details=reply.details))
 
 
-def with_metadata(response: pb.ProcessingResponse, fields: dict[str, object] | None) -> pb.ProcessingResponse:
+def with_metadata(response: pb.ProcessingResponse, fields: Mapping[str, object] | None) -> pb.ProcessingResponse:
+    """`fields` as Envoy dynamic metadata in the gateway's namespace. Flat strings and numbers are
+    set field by field (every admitted request's ticket goes this way; `Struct.update` walks
+    them in Python); anything else takes the general path."""
     if fields:
-        metadata = struct_pb2.Struct()
-        metadata.update({METADATA_NAMESPACE: fields})
-        response.dynamic_metadata.CopyFrom(metadata)
+        target = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
+        for name, value in fields.items():
+            if isinstance(value, str):
+                target[name].string_value = value
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                target[name].number_value = value
+            else:
+                general = struct_pb2.Struct()
+                general.update({name: value})
+                target[name].CopyFrom(general.fields[name])
     return response
 
 
@@ -213,7 +223,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 elif phase == "request_body":
                     body = request.request_body
                     if observation is not None:
-                        await observation.on_request_chunk(body.body, body.end_of_stream)
+                        observation.on_request_chunk(body.body, body.end_of_stream)
                 elif phase == "response_headers":
                     headers = request.response_headers
                     if observation is not None:
@@ -238,8 +248,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 
     @staticmethod
     def _ticket_of(request: pb.ProcessingRequest) -> Ticket | None:
-        fields = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
-        return None if fields is None else Ticket.from_metadata(fields)
+        namespace = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
+        if namespace is None:
+            return None
+        # Read the protobuf values directly: the Struct's mapping view converts in Python.
+        return Ticket.from_metadata({name: value.string_value if name != "started" else value.number_value
+                                     for name, value in namespace.fields.items()
+                                     if name in Ticket.METADATA_FIELDS})
 
     @staticmethod
     def _headers_answer(session: RequestSession,

@@ -8,11 +8,11 @@ fields show in the access log. Nothing in it is secret: the worker is a name or 
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from extproc.api import Endpoint
+from extproc.ids import unique_id
 
 # Envoy's dynamic-metadata namespace of the gateway (also read by the access log).
 METADATA_NAMESPACE = "zai_proxy"
@@ -20,7 +20,7 @@ METADATA_NAMESPACE = "zai_proxy"
 
 def new_session_id() -> str:
     """Globally unique: replicas and restarts never reuse one."""
-    return uuid.uuid4().hex
+    return unique_id()
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,10 @@ class Ticket:
     request_id: str
     started: float  # wall-clock epoch seconds, comparable across replicas
     agent_session: str | None = None  # the client's session header; the observer cannot see it
+
+    # The fields in the metadata (`started` is a number, the others strings).
+    METADATA_FIELDS = frozenset(("session", "worker", "endpoint", "request_id", "started",
+                                 "agent_session"))
 
     def to_metadata(self) -> dict[str, object]:
         fields: dict[str, object] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import orjson
 
@@ -20,23 +20,32 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self.component = component
         self.secrets = secrets
+        self._second = -1
+        self._second_text = ""
 
     def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, object] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-                    + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "component": self.component,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for name, value in vars(record).items():
-            if name not in _STANDARD and not name.startswith("_"):
-                doc[name] = value
+        fields = {name: value for name, value in vars(record).items()
+                  if name not in _STANDARD and not name.startswith("_")}
         if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
+            fields["exception"] = self.formatException(record.exc_info)
+        return self.line(record.created, record.levelname.lower(), record.name,
+                         record.getMessage(), fields)
+
+    def line(self, created: float, level: str, logger: str, message: str,
+             fields: Mapping[str, object]) -> str:
+        doc: dict[str, object] = {"time": self._timestamp(created), "level": level,
+                                  "component": self.component, "logger": logger,
+                                  "message": message}
+        doc.update(fields)
         # orjson: one "Token usage" line per request is on every request's path.
         return redact(orjson.dumps(doc, default=str).decode(), self.secrets())
+
+    def _timestamp(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:  # strftime once a second, not once a line
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int((created - second) * 1000):03d}Z"
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -46,8 +55,31 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+# The handler `setup` installed: `info_line` writes through it directly.
+_handler: logging.StreamHandler | None = None  # type: ignore[type-arg]
+
+
+def info_line(logger: logging.Logger, message: str, fields: Mapping[str, object]) -> None:
+    """`logger.info(message, extra=fields)` as the same JSON line, without the logging machinery
+    (caller lookup, a LogRecord, filters): once per request, it cost more than the line itself.
+    Elsewhere (tests, another handler set up) it is exactly `logger.info`."""
+    handler = _handler
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    if handler is None or logging.getLogger().handlers != [handler] or logger.handlers:
+        logger.info(message, extra=dict(fields))
+        return
+    formatter = handler.formatter
+    assert isinstance(formatter, JsonFormatter)
+    text = formatter.line(time.time(), "info", logger.name, message, fields)
+    with handler.lock:  # type: ignore[union-attr]
+        handler.stream.write(text + "\n")
+        handler.flush()
+
+
 def setup(component: str, level: str, secrets: SecretSource = lambda: ()) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    global _handler
+    handler = _handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(component, secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]

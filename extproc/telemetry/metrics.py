@@ -24,6 +24,8 @@ TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30
 QUEUE_WAIT_BUCKETS = (0, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 
 OTHER = "other"
+# Model names seen in responses whose label is remembered (the rest are resolved each time).
+MAX_REMEMBERED_MODELS = 1024
 # Z.AI business codes (see ARCHITECTURE.md) and Anthropic/OpenAI error types worth a label.
 KNOWN_ERROR_CODES = frozenset(CODES)
 
@@ -78,12 +80,20 @@ class Metrics:
                       ("deployment_variant", "version", "python"), registry=r)
         build.labels(variant, __version__, platform.python_version()).set(1)
         self._cache: dict[tuple[object, ...], object] = {}
+        # Every label set a request's record touches, resolved once per distinct combination.
+        self._series: dict[tuple[object, ...], _RequestSeries] = {}
+        self._model_labels: dict[str, str] = {}
 
     def model_label(self, model: str | None) -> str:
         if model is None:
             return "unknown"
-        lowered = model.lower()
-        return lowered if lowered in self.models else OTHER
+        label = self._model_labels.get(model)
+        if label is None:
+            lowered = model.lower()
+            label = lowered if lowered in self.models else OTHER
+            if len(self._model_labels) < MAX_REMEMBERED_MODELS:  # names come from responses
+                self._model_labels[model] = label
+        return label
 
     def _child(self, metric: Counter | Histogram, *values: str):  # type: ignore[no-untyped-def]
         key = (id(metric), values)
@@ -94,45 +104,95 @@ class Metrics:
 
     def record(self, outcome: Outcome, cost: float | None, worker: str | None = None) -> None:
         """One request's metrics; `worker` is its bounded worker label (None: none)."""
-        endpoint, status = outcome.endpoint.value, str(outcome.status)
-        self._child(self.requests, endpoint, status).inc()
-        if worker is not None:
-            self._record_worker(outcome, cost, worker, status)
-        self._child(self.duration, endpoint, status).observe(outcome.duration)
         model = self.model_label(outcome.model)
-        if outcome.tokens is not None:
-            tokens = outcome.tokens
-            for direction, count in tokens.by_direction().items():
-                estimated = (tokens.input_estimated if direction == "input"
-                             else tokens.output_estimated if direction == "output" else False)
+        key = (outcome.endpoint, outcome.status, model, worker)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _RequestSeries(
+                self, outcome.endpoint.value, str(outcome.status), model, worker)
+        series.requests.inc()
+        series.duration.observe(outcome.duration)
+        if series.worker_requests is not None:
+            series.worker_requests.inc()
+        tokens = outcome.tokens
+        if tokens is not None:
+            for direction, count, estimated in (
+                    ("input", tokens.input, tokens.input_estimated),
+                    ("output", tokens.output, tokens.output_estimated),
+                    ("cache_read", tokens.cache_read, False),
+                    ("cache_write", tokens.cache_write, False)):
                 if count:
-                    self._child(self.tokens, direction, model,
-                                "estimated" if estimated else "reported").inc(count)
+                    series.tokens(direction, estimated).inc(count)
+                    if series.worker_requests is not None:
+                        series.worker_tokens(direction).inc(count)
         if outcome.time_to_first_token is not None:
-            self._child(self.ttft, model).observe(outcome.time_to_first_token)
+            series.observe_ttft(outcome.time_to_first_token)
         if cost:
-            self._child(self.cost, model).inc(cost)
+            series.add_cost(cost)
         if outcome.status < 400 and (outcome.error_type or outcome.error_code):
             # An error event inside a successful stream; failed attempts are counted per attempt.
             signal = classify(outcome.status, outcome.error_code, outcome.error_type)
             self.upstream_error(signal.value, outcome.error_code)
-
-    def _record_worker(self, outcome: Outcome, cost: float | None, worker: str,
-                       status: str) -> None:
-        model = self.model_label(outcome.model)
-        self._child(self.worker_requests, worker, model, status).inc()
-        if outcome.tokens is not None:
-            for direction, count in outcome.tokens.by_direction().items():
-                if count:
-                    self._child(self.worker_tokens, worker, model, direction).inc(count)
-        if cost:
-            self._child(self.worker_cost, worker, model).inc(cost)
 
     def upstream_error(self, error_class: str, code: str | None) -> None:
         self._child(self.upstream_errors, error_class, code_label(code)).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _RequestSeries:
+    """The children one kind of request records into (endpoint, status, model, worker label):
+    resolved on first use, so recording a request costs attribute reads, not label lookups."""
+
+    __slots__ = ("_metrics", "_model", "_worker", "requests", "duration", "ttft", "cost",
+                 "worker_requests", "worker_cost", "_tokens", "_worker_tokens")
+
+    def __init__(self, metrics: Metrics, endpoint: str, status: str, model: str,
+                 worker: str | None) -> None:
+        child = metrics._child
+        self._metrics, self._model, self._worker = metrics, model, worker
+        self.requests = child(metrics.requests, endpoint, status)
+        self.duration = child(metrics.duration, endpoint, status)
+        self.worker_requests = (child(metrics.worker_requests, worker, model, status)
+                                if worker is not None else None)
+        # Resolved when first used: a series appears in /metrics only once it moved.
+        self.ttft: Any = None
+        self.cost: Any = None
+        self.worker_cost: Any = None
+        self._tokens: dict[tuple[str, bool], Any] = {}
+        self._worker_tokens: dict[str, Any] = {}
+
+    def observe_ttft(self, seconds: float) -> None:
+        if self.ttft is None:
+            self.ttft = self._metrics._child(self._metrics.ttft, self._model)
+        self.ttft.observe(seconds)
+
+    def add_cost(self, cost: float) -> None:
+        metrics = self._metrics
+        if self.cost is None:
+            self.cost = metrics._child(metrics.cost, self._model)
+        self.cost.inc(cost)
+        if self._worker is not None:
+            if self.worker_cost is None:
+                self.worker_cost = metrics._child(metrics.worker_cost, self._worker, self._model)
+            self.worker_cost.inc(cost)
+
+    def tokens(self, direction: str, estimated: bool):  # type: ignore[no-untyped-def]
+        found = self._tokens.get((direction, estimated))
+        if found is None:
+            found = self._tokens[(direction, estimated)] = self._metrics._child(
+                self._metrics.tokens, direction, self._model,
+                "estimated" if estimated else "reported")
+        return found
+
+    def worker_tokens(self, direction: str):  # type: ignore[no-untyped-def]
+        found = self._worker_tokens.get(direction)
+        if found is None:
+            assert self._worker is not None
+            found = self._worker_tokens[direction] = self._metrics._child(
+                self._metrics.worker_tokens, self._worker, self._model, direction)
+        return found
 
 
 class LimiterMetrics:

@@ -9,6 +9,7 @@ import time
 from typing import Callable
 
 from extproc.limiter.pacing import Pacer
+from extproc.telemetry.logs import info_line
 from extproc.telemetry.metrics import Metrics
 from extproc.telemetry.model_metrics import ModelMetrics
 from extproc.telemetry.worker_labels import WorkerLabels
@@ -43,7 +44,7 @@ class Reporter:
         if self.pacer is not None and tokens is not None:
             self.pacer.count(tokens.input + tokens.output + tokens.cache_read + tokens.cache_write)
         fields = usage_fields(outcome, self.variant, cost)
-        log.info("Token usage", extra=fields)
+        info_line(log, "Token usage", fields)
         return fields
 
 

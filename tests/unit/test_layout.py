@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "extproc"
 
 # Bottom up; a module may import its own part and any part of a lower layer.
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"api", "config", "variants", "lifecycle"}),  # the shared vocabulary
+    frozenset({"api", "config", "variants", "lifecycle", "ids"}),  # the shared vocabulary
     frozenset({"accounting", "limiter"}),       # pure domain logic (+ the limiter's stores)
     frozenset({"proxy"}),                       # the ext_proc edge and per-request sessions
     frozenset({"telemetry"}),                   # metrics, the usage record, logs, admin HTTP

@@ -8,8 +8,8 @@ from hypothesis import given, settings, strategies as st
 
 from extproc.api import Api
 from extproc.accounting.request_body import (IMAGE_TOKENS, MESSAGE_OVERHEAD_TOKENS, PDF_MIN_TOKENS,
-                                  REPLY_PRIMING_TOKENS, compact_json, parse_request,
-                                  parse_request_async, pdf_tokens)
+                                  REPLY_PRIMING_TOKENS, RequestPeek, compact_json, parse_request,
+                                  parse_request_async, pdf_tokens, peek_request)
 from spies import SpyExecutor
 
 
@@ -337,3 +337,39 @@ def test_parse_runs_in_the_loop_default_executor_when_none_given():
     raw = body(messages=[{"role": "user", "content": "x" * 10}])
     info = asyncio.run(parse_request_async(raw, Api.ANTHROPIC, None, inline_limit_bytes=1))
     assert info.segments == ("x" * 10,)
+
+
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
+                     st.text(max_size=8))
+_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(["model", "a", "user_id", "x"]), inner, max_size=3)),
+    max_leaves=8)
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_peek_reads_the_model_and_session_parse_reads(data):
+    """Whatever the members' order, nesting (a nested "model" or "user_id" first), escapes and
+    spacing: the peek's model and agent session are exactly the full parse's."""
+    members = data.draw(st.dictionaries(st.sampled_from(["stream", "max_tokens", "messages", "a", "b"]),
+                                        _VALUES, max_size=4))
+    if data.draw(st.booleans()):
+        members["model"] = data.draw(st.one_of(st.text(max_size=12), st.integers(), st.none()))
+    if data.draw(st.booleans()):
+        members["metadata"] = {"user_id": data.draw(st.sampled_from(
+            ["user_1_account_2_session_abcdef12-0000", "nobody", 7]))}
+    order = data.draw(st.permutations(list(members)))
+    body = json.dumps({k: members[k] for k in order},
+                      separators=data.draw(st.sampled_from([(",", ":"), (", ", ": ")])),
+                      ensure_ascii=data.draw(st.booleans())).encode()
+    if data.draw(st.booleans()):
+        body = b"  \n" + body
+    peek = peek_request(body)
+    info = parse_request(body, Api.ANTHROPIC)
+    assert (peek.model, peek.agent_session) == (info.model, info.agent_session)
+
+
+def test_peek_of_a_body_that_is_not_an_object():
+    assert peek_request(b"") == peek_request(b"[1]") == peek_request(b'{"a": [') == RequestPeek(None, None)
+    # A body cut short (past MAX_REQUEST_BODY_BYTES) still names the model it started with.
+    assert peek_request(b'{"model": "glm-4.7", "messages": [') == RequestPeek("glm-4.7", None)

@@ -112,3 +112,39 @@ def test_garbage_never_raises(body, streaming, api):
     result, delivered = run(api, [body], streaming)
     assert delivered == body
     result.delivered_text()
+
+
+# Content that names the markers the observer's fast path looks for, as a model's text might.
+MARKER_TEXTS = st.lists(st.sampled_from(['error', '"error"', 'event: error', 'message_delta',
+                                         'ok ', '\n\n', 'data: x']), min_size=1, max_size=8)
+
+
+@settings(max_examples=200)
+@given(st.data())
+def test_chunks_of_whole_events_skipped_unparsed_give_the_same_facts(data):
+    """Envoy hands the observer one chunk per upstream read, usually whole events: such chunks
+    go by unparsed once the first token is seen. Whatever the grouping, the text (markers
+    included), cut or complete, an error event or not: the facts and the delivered text are
+    those of the same bytes parsed event by event."""
+    deltas = data.draw(st.one_of(MARKER_TEXTS, st.lists(st.text(min_size=1, max_size=12),
+                                                         min_size=1, max_size=8)))
+    events = anthropic_sse.stream_events(reply(deltas))
+    if data.draw(st.booleans()):  # cut before message_delta, or ended by an error event
+        events = [e for e in events if e.name not in ("message_delta", "message_stop")]
+    encoded = [e.encode() for e in events]
+    if data.draw(st.booleans()):
+        encoded.append(b'event: error\ndata: {"type":"error","error":{"type":"1302","message":"x"}}\n\n')
+    groups = data.draw(st.lists(st.integers(1, 3), min_size=len(encoded), max_size=len(encoded)))
+    chunks, i = [], 0
+    for size in groups:
+        if i < len(encoded):
+            chunks.append(b"".join(encoded[i:i + size]))
+            i += size
+    fast, _ = run(Api.ANTHROPIC, chunks)
+    slow = ResponseBody(Api.ANTHROPIC, True)
+    for index, chunk in enumerate(chunks):  # the parser alone, no skipping
+        for event in slow._parser.feed(chunk, index == len(chunks) - 1):
+            slow._stream.on_event(event, float(index))
+    assert fast.facts == slow.facts
+    assert fast.delivered_text() == slow.delivered_text() == "".join(
+        e.text or "" for e in events if e.name == "content_block_delta")
