@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -122,6 +123,7 @@ class Service:
                               if rules.active else None)
         prices = load_prices(settings.prices_file)
         self.limiter_metrics = LimiterMetrics(settings.deployment_variant, self.metrics.registry)
+        self._attempt_counters: dict[Signal, Any] = {}
         account = fingerprint(self.upstream_key.current())
         self.limiter = build_limiter(settings, account, self.limiter_metrics)
         self.limiter_metrics.watch(self.limiter.state, lambda: self.limiter.store.name == "redis")
@@ -160,8 +162,11 @@ class Service:
         self.serving = False
 
     def on_attempt(self, verdict: AttemptVerdict) -> None:
-        self.limiter_metrics.attempts.labels(self.settings.deployment_variant,
-                                             verdict.signal.value).inc()
+        counter = self._attempt_counters.get(verdict.signal)
+        if counter is None:  # one child per signal (a handful), resolved once
+            counter = self._attempt_counters[verdict.signal] = self.limiter_metrics.attempts.labels(
+                self.settings.deployment_variant, verdict.signal.value)
+        counter.inc()
         if verdict.signal is not Signal.SUCCESS:
             self.metrics.upstream_error(verdict.signal.value, verdict.code)
         self.limiter.on_attempt(verdict.signal, verdict.code, verdict.message, verdict.retry_after)

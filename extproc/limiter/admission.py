@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from extproc.ids import unique_id
+from extproc.lifecycle import run_detached
 from extproc.limiter.adaptive import Adjustment, AdaptiveLimit
 from extproc.limiter.fair_queue import FairQueue
 from extproc.limiter.quota import QuotaGate
@@ -98,7 +99,7 @@ class Admission:
         self._pumping = False
         self._pump_again = False
         self._timer: asyncio.TimerHandle | None = None
-        self._background: set[asyncio.Task[bool]] = set()
+        self._background: set[asyncio.Future[object]] = set()
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -264,8 +265,12 @@ class Admission:
         else:
             self.in_flight_by_worker.pop(permit.worker, None)
         try:
-            # Shielded: a release interrupted by its caller's cancellation still reaches the store.
-            await asyncio.shield(self.store.release_slot(self.account, permit.lease_id))
+            # Detached: a release interrupted by its caller's cancellation still reaches the store
+            # (and the usual in-process release costs no task).
+            pending = run_detached(self.store.release_slot(self.account, permit.lease_id),
+                                   self._background)
+            if pending is not None:
+                await asyncio.shield(pending)
         finally:
             if signal is not None:
                 self.learn(signal, load)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, AsyncIterator, Callable, Coroutine, Mapping
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -21,6 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import duration_pb2, struct_pb2
 
+from extproc.lifecycle import run_detached
 from extproc.proxy.attempt import AttemptSession
 from extproc.proxy.answers import BodyChange, HeaderChanges, Hold, ImmediateReply
 from extproc.proxy.observation import Observation
@@ -113,7 +114,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, gateway: Gateway, on_stream: Callable[[int], None] = lambda delta: None):
         self.gateway = gateway
         self._on_stream = on_stream
-        self._closing: set[asyncio.Task[object]] = set()
+        self._closing: set[asyncio.Future[object]] = set()
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
@@ -239,12 +240,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             if observation is not None:
                 self._record_later(observation.end())
 
-    def _record_later(self, recording: Awaitable[object]) -> None:
-        """Recording may await a token count or the state store, so it runs as its own task:
-        awaiting in a stream's `finally` could be interrupted by the stream's cancellation."""
-        task = asyncio.ensure_future(recording)
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+    def _record_later(self, recording: Coroutine[Any, Any, object]) -> None:
+        """Recording may await a token count or the state store, so it is detached from the
+        stream: awaiting in a stream's `finally` could be interrupted by its cancellation. It
+        becomes a task only if it has to wait."""
+        run_detached(recording, self._closing)
 
     @staticmethod
     def _ticket_of(request: pb.ProcessingRequest) -> Ticket | None:
