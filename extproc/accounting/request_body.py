@@ -132,13 +132,15 @@ class RequestPeek:
     agent_session: str | None
 
 
-def peek_request(body: bytes) -> RequestPeek:
+def peek_request(body: bytes, session_known: bool = False) -> RequestPeek:
     """The top-level model and the agent's session of a JSON object, exactly as `parse_request`
     reads them, at a fraction of its cost on a long conversation: a body that names its model
     first and carries no `user_id` is not parsed at all, any other is parsed but not walked.
-    (Of a body cut short, the peek still reads a model named first; the parse reads none.)"""
+    (Of a body cut short, the peek still reads a model named first; the parse reads none.)
+    `session_known`: the request's header named the session already (Claude Code sends it), so
+    the body is not searched for one (that search costs ~0.2 ms on a 300 KB conversation)."""
     match = _MODEL_FIRST.match(body)
-    if match is not None and b'"user_id"' not in body:
+    if match is not None and (session_known or b'"user_id"' not in body):
         raw = match.group(1)
         if b"\\" not in raw:
             try:

@@ -35,7 +35,7 @@ class ResponseBody:
         if not self.streaming:
             self._keep_json(chunk, end_of_stream)
             return None
-        if not self._reframe and not end_of_stream and self._stream.skips(chunk, self._parser):
+        if not self._reframe and self._stream.feed_whole(chunk, self._parser, now):
             return None
         events = self._parser.feed(chunk, end_of_stream) if chunk or end_of_stream else []
         on_event = self._stream.on_event

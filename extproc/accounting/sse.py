@@ -22,6 +22,24 @@ class SseEvent:
     raw: bytes  # every input byte since the previous event, up to its terminating blank line
 
 
+def block_fields(block: bytes) -> tuple[bytes, list[bytes]]:
+    """The `event` name and `data` lines of one event's lines (LF-separated, its blank line
+    off). No `data`: the block dispatches nothing."""
+    event = b""
+    data: list[bytes] = []
+    for line in block.split(b"\n"):
+        if not line or line[0] == 0x3A:  # a leading blank line (nothing pending), a comment
+            continue
+        name, colon, value = line.partition(b":")
+        if colon and value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            data.append(value)
+        elif name == b"event":
+            event = value
+    return event, data
+
+
 class SseParser:
     __slots__ = ("_buf", "_scan", "_search", "_event", "_data")
 
@@ -48,18 +66,7 @@ class SseParser:
         start = pos = 0
         for block in blocks:
             pos += len(block) + 2
-            event = b""
-            data: list[bytes] = []
-            for line in block.split(b"\n"):
-                if not line or line[0] == 0x3A:  # a leading blank line (nothing pending), a comment
-                    continue
-                name, colon, value = line.partition(b":")
-                if colon and value[:1] == b" ":
-                    value = value[1:]
-                if name == b"data":
-                    data.append(value)
-                elif name == b"event":
-                    event = value
+            event, data = block_fields(block)
             if data:
                 events.append(SseEvent(event, b"\n".join(data), chunk[start:pos]))
                 start = pos

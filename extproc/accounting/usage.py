@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from extproc.api import Api
-from extproc.accounting.sse import SseEvent, SseParser
+from extproc.accounting.sse import SseEvent, SseParser, block_fields
 
 # Past this much retained delta data the fallback estimate stops growing (memory bound).
 MAX_RETAINED_DELTA_BYTES = 16 * 1024 * 1024
@@ -122,6 +122,12 @@ class _DeltaText:
 
 
 
+def _marked(data: bytes) -> bool:
+    """Whether Anthropic SSE bytes may hold an event the tracker records (see `feed_whole`)."""
+    return (b"message_" in data or b'"error"' in data or b"event: error" in data
+            or b"event:error" in data)
+
+
 class AnthropicStream:
     """Usage and facts from an Anthropic Messages event stream."""
 
@@ -131,17 +137,33 @@ class AnthropicStream:
         self.facts = ResponseFacts()
         self._deltas = _DeltaText()
 
-    def skips(self, chunk: bytes, parser: SseParser) -> bool:
-        """Whether `chunk` can go by unparsed (the hot path of a long stream): it ends at an event
-        boundary where none was pending, the first token is behind us, and it holds none of the
-        bytes every event the tracker records must contain (usage in message_start and
-        message_delta, message_stop, an error's name or payload; in content, quotes are escaped).
-        Such a chunk is kept raw for the fallback estimate."""
-        if (self.facts.first_token_at is None or not chunk.endswith(b"\n\n") or parser.pending()
-                or b"message_" in chunk or b'"error"' in chunk or b"event: error" in chunk
-                or b"event:error" in chunk):
+    def feed_whole(self, chunk: bytes, parser: SseParser, now: float) -> bool:
+        """Take `chunk` without the parser when it holds whole events (it ends at an event
+        boundary, LF line ends, none pending): only the events that can carry what the tracker
+        records are parsed, found by bytes each of them must contain (usage in message_start
+        and message_delta, message_stop, an error's name or payload; in content, quotes are
+        escaped), and the first content delta. The rest (deltas, pings, block starts and stops)
+        is kept raw for the fallback estimate. False: the parser must take the chunk."""
+        if not chunk.endswith(b"\n\n") or parser.pending() or b"\r" in chunk:
             return False
-        self._deltas.keep((chunk,))
+        if self.facts.first_token_at is not None and not _marked(chunk):
+            self._deltas.keep((chunk,))  # the hot path of a long stream: one delta per chunk
+            return True
+        skipped: list[bytes] = []
+        blocks = chunk.split(b"\n\n")
+        blocks.pop()
+        for block in blocks:
+            if self.facts.first_token_at is not None and not _marked(block):
+                skipped.append(block)
+                continue
+            if skipped:  # kept in order with the deltas `on_event` keeps
+                self._deltas.keep((b"\n\n".join(skipped) + b"\n\n",))
+                skipped = []
+            event, data = block_fields(block)
+            if data:
+                self.on_event(SseEvent(event, b"\n".join(data), b""), now)
+        if skipped:
+            self._deltas.keep((b"\n\n".join(skipped) + b"\n\n",))
         return True
 
     def on_event(self, event: SseEvent, now: float) -> bool:
@@ -214,7 +236,7 @@ class OpenAIStream:
         self._deltas = _DeltaText()
         self.drop_usage_chunk = drop_usage_chunk
 
-    def skips(self, chunk: bytes, parser: SseParser) -> bool:
+    def feed_whole(self, chunk: bytes, parser: SseParser, now: float) -> bool:
         return False  # OpenAI streams pass inline, where each chunk may be re-framed
 
     def on_event(self, event: SseEvent, now: float) -> bool:

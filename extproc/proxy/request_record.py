@@ -100,7 +100,7 @@ class RequestRecord:
         if facts.usage.input is None or not 200 <= status < 300:
             await self.on_request_body(body, mutable=False)
             return None
-        return peek_request(body)
+        return peek_request(body, session_known=self.agent_session is not None)
 
     # -- response -----------------------------------------------------------------------------
 

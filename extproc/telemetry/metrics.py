@@ -110,10 +110,10 @@ class Metrics:
         if series is None:
             series = self._series[key] = _RequestSeries(
                 self, outcome.endpoint.value, str(outcome.status), model, worker)
-        series.requests.inc()
+        series.requests(1)
         series.duration.observe(outcome.duration)
         if series.worker_requests is not None:
-            series.worker_requests.inc()
+            series.worker_requests(1)
         tokens = outcome.tokens
         if tokens is not None:
             for direction, count, estimated in (
@@ -122,9 +122,9 @@ class Metrics:
                     ("cache_read", tokens.cache_read, False),
                     ("cache_write", tokens.cache_write, False)):
                 if count:
-                    series.tokens(direction, estimated).inc(count)
+                    series.tokens(direction, estimated)(count)
                     if series.worker_requests is not None:
-                        series.worker_tokens(direction).inc(count)
+                        series.worker_tokens(direction)(count)
         if outcome.time_to_first_token is not None:
             series.observe_ttft(outcome.time_to_first_token)
         if cost:
@@ -141,6 +141,14 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def _adder(child: Any) -> Callable[[float], None]:
+    """What adds to a resolved counter child: its value's `inc`, without the checks
+    `Counter.inc` makes on every call (a labelled parent, a negative amount), which cost more
+    than the addition; the record adds counts and costs, never negative, to resolved children."""
+    value = getattr(child, "_value", None)
+    return value.inc if callable(getattr(value, "inc", None)) else child.inc
+
+
 class _RequestSeries:
     """The children one kind of request records into (endpoint, status, model, worker label):
     resolved on first use, so recording a request costs attribute reads, not label lookups."""
@@ -152,9 +160,9 @@ class _RequestSeries:
                  worker: str | None) -> None:
         child = metrics._child
         self._metrics, self._model, self._worker = metrics, model, worker
-        self.requests = child(metrics.requests, endpoint, status)
+        self.requests = _adder(child(metrics.requests, endpoint, status))
         self.duration = child(metrics.duration, endpoint, status)
-        self.worker_requests = (child(metrics.worker_requests, worker, model, status)
+        self.worker_requests = (_adder(child(metrics.worker_requests, worker, model, status))
                                 if worker is not None else None)
         # Resolved when first used: a series appears in /metrics only once it moved.
         self.ttft: Any = None
@@ -171,27 +179,28 @@ class _RequestSeries:
     def add_cost(self, cost: float) -> None:
         metrics = self._metrics
         if self.cost is None:
-            self.cost = metrics._child(metrics.cost, self._model)
-        self.cost.inc(cost)
+            self.cost = _adder(metrics._child(metrics.cost, self._model))
+        self.cost(cost)
         if self._worker is not None:
             if self.worker_cost is None:
-                self.worker_cost = metrics._child(metrics.worker_cost, self._worker, self._model)
-            self.worker_cost.inc(cost)
+                self.worker_cost = _adder(
+                    metrics._child(metrics.worker_cost, self._worker, self._model))
+            self.worker_cost(cost)
 
     def tokens(self, direction: str, estimated: bool):  # type: ignore[no-untyped-def]
         found = self._tokens.get((direction, estimated))
         if found is None:
-            found = self._tokens[(direction, estimated)] = self._metrics._child(
+            found = self._tokens[(direction, estimated)] = _adder(self._metrics._child(
                 self._metrics.tokens, direction, self._model,
-                "estimated" if estimated else "reported")
+                "estimated" if estimated else "reported"))
         return found
 
     def worker_tokens(self, direction: str):  # type: ignore[no-untyped-def]
         found = self._worker_tokens.get(direction)
         if found is None:
             assert self._worker is not None
-            found = self._worker_tokens[direction] = self._metrics._child(
-                self._metrics.worker_tokens, self._worker, self._model, direction)
+            found = self._worker_tokens[direction] = _adder(self._metrics._child(
+                self._metrics.worker_tokens, self._worker, self._model, direction))
         return found
 
 

@@ -367,6 +367,8 @@ def test_peek_reads_the_model_and_session_parse_reads(data):
     peek = peek_request(body)
     info = parse_request(body, Api.ANTHROPIC)
     assert (peek.model, peek.agent_session) == (info.model, info.agent_session)
+    # With the session known from the header, the model is still the parse's.
+    assert peek_request(body, session_known=True).model == info.model
 
 
 def test_peek_of_a_body_that_is_not_an_object():
