@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+BEFORE: Path | None = None  # --before
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -66,8 +67,10 @@ from extproc.local.stack import Emulator, envoy_argv, start_emulator, start_extp
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MARK = b"event: content_block_delta"
 PATH = "/api/anthropic/v1/messages?beta=true"
-SETUPS = ("floor", "passthrough", "gateway", "gateway_2proc", "passthrough_inline", "gateway_inline")
-DEFAULT_SETUPS = SETUPS
+SETUPS = ("floor", "passthrough", "gateway", "gateway_2proc", "passthrough_inline", "gateway_inline",
+          "gateway_before")
+# gateway_before: the ext_proc of another checkout (--before DIR), for before/after in one run.
+DEFAULT_SETUPS = tuple(s for s in SETUPS if s != "gateway_before")
 ENVOY_ARGS = ("--concurrency", "2")  # after the local stack's Envoy command line
 EMULATOR_ARGS = ("--log-level", "WARNING", "--input-tokens", "1000")
 
@@ -194,8 +197,12 @@ async def start_setups(group: ProcessGroup, run_dir: Path, emulator: Emulator,
                       *(["--observer-port", str(settings.extproc_observer_port)]
                         if settings.extproc_observer_port else [])])
         elif name.startswith("gateway"):
+            # gateway_before: the same command, importing `extproc` from the other checkout first.
+            argv = None if name != "gateway_before" else [
+                sys.executable, "-c", f"import sys; sys.path.insert(0, {str(BEFORE)!r}); "
+                "from extproc.cli import main; sys.argv[1:] = ['serve']; raise SystemExit(main())"]
             setup.extproc = await start_extproc(
-                group, f"extproc-{name}", env, log_file=run_dir / f"extproc-{name}.log",
+                group, f"extproc-{name}", env, argv=argv, log_file=run_dir / f"extproc-{name}.log",
                 health_url=f"http://127.0.0.1:{settings.extproc_admin_port}/health", timeout=60)
         setup.envoy = await group.start(f"envoy-{name}", envoy_argv(config, "warning", ENVOY_ARGS), env,
                                         log_file=run_dir / f"envoy-{name}.log")
@@ -660,7 +667,15 @@ def main() -> int:
                         help="py-spy record each set-up's ext_proc for SECONDS at the start of each "
                              "measured gateway point (collapsed stacks in the run dir; needs py-spy)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "gateway-last.json"))
+    parser.add_argument("--before", metavar="DIR", default=None,
+                        help="a checkout of an earlier revision (git worktree add DIR REV): set-up "
+                             "gateway_before runs its ext_proc, with this checkout's Envoy config")
     args = parser.parse_args()
+    global BEFORE
+    if "gateway_before" in args.setups:
+        if not args.before or not (Path(args.before) / "extproc" / "cli.py").is_file():
+            parser.error("gateway_before needs --before DIR, a checkout with extproc/cli.py")
+        BEFORE = Path(args.before).resolve()
     try:
         import uvloop
         return uvloop.run(main_async(args))

@@ -20,6 +20,9 @@ from extproc.proxy.outcome import Recorder
 OBSERVER_GRACE_SECONDS = 5.0
 # Claims outlive any request's record by far; they only need to outlive the grace.
 CLAIM_TTL_SECONDS = 3600.0
+# Once the request filter has settled a request, its claim only refuses strays (a duplicate
+# outcome handed over late) for this long.
+SETTLED_CLAIM_TTL_SECONDS = 60.0
 
 class Estimator(Protocol):
     """Token counting (tiktoken, cached, off the event loop for large inputs)."""
@@ -31,7 +34,7 @@ class Estimator(Protocol):
 
 class ClaimStore(Protocol):
     async def claim(self, key: str, now: float, ttl: float) -> bool: ...
-    async def claimed(self, key: str, now: float) -> bool: ...
+    async def settle_claim(self, key: str, now: float, ttl: float) -> bool: ...
 
 
 class Claims:
@@ -45,8 +48,13 @@ class Claims:
     async def claim(self, session: str) -> bool:
         return await self.store.claim(f"record:{session}", self.clock(), CLAIM_TTL_SECONDS)
 
-    async def claimed(self, session: str) -> bool:
-        return await self.store.claimed(f"record:{session}", self.clock())
+    async def settle(self, session: str) -> bool:
+        """Whether an observer claimed the request; asked once, by its request filter at its end
+        (after which nobody asks), so the claim is kept only SETTLED_CLAIM_TTL_SECONDS more:
+        otherwise every request's claim would stay in the store for CLAIM_TTL_SECONDS
+        (in-process ~200 bytes a request, for an hour)."""
+        return await self.store.settle_claim(f"record:{session}", self.clock(),
+                                             SETTLED_CLAIM_TTL_SECONDS)
 
 
 def _local_claims() -> Claims:

@@ -18,7 +18,6 @@ limits hold exactly, and a request is recorded once, with one `/metrics` per var
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import grpc
 import orjson
 
 from extproc.api import Endpoint
-from extproc.lifecycle import cancel_and_wait
+from extproc.lifecycle import cancel_and_wait, run_detached
 from extproc.proxy.gateway import Claims, Gateway
 from extproc.proxy.outcome import Outcome, Tokens
 from extproc.proxy.request_record import account_for
@@ -61,8 +60,11 @@ class Message:
 def encode(message: Message) -> bytes:
     fields: dict[str, Any] = {"k": message.kind, "s": message.session}
     if message.outcome is not None:
-        outcome = dataclasses.asdict(message.outcome)
+        # Field by field: `dataclasses.asdict` deep-copies, at a cost per request.
+        outcome = dict(message.outcome.__dict__)
         outcome["endpoint"] = message.outcome.endpoint.value
+        if message.outcome.tokens is not None:
+            outcome["tokens"] = dict(message.outcome.tokens.__dict__)
         fields["o"] = outcome
     return orjson.dumps(fields)
 
@@ -124,7 +126,7 @@ class Receiver:
     def on_message(self, message: Message) -> None:
         self.received += 1
         if message.kind == CLAIM:
-            claim = asyncio.ensure_future(self.gateway.claims.claim(message.session))
+            claim = self._claim(message.session)
             self._claims[message.session] = claim
             self.gateway.open.add(claim)
             while len(self._claims) > PENDING_CLAIMS_LIMIT:
@@ -132,9 +134,19 @@ class Receiver:
         elif message.kind == ANSWERED:
             self.gateway.upstream_answered(message.session)
         elif message.outcome is not None:
-            task = asyncio.ensure_future(self.record(message.session, message.outcome))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            run_detached(self.record(message.session, message.outcome), self._tasks)
+
+    def _claim(self, session: str) -> asyncio.Future[bool]:
+        """The claim, made now: a done future when the store answers at once (in-process)."""
+        result: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        run_detached(self._settle_claim(session, result), self._tasks)
+        return result
+
+    async def _settle_claim(self, session: str, result: asyncio.Future[bool]) -> None:
+        try:
+            result.set_result(await self.gateway.claims.claim(session))
+        except Exception as exc:
+            result.set_exception(exc)
 
     async def record(self, session: str, outcome: Outcome) -> bool:
         """Record `outcome` if this request's claim is the observer's; whether it was."""
@@ -245,7 +257,7 @@ class HandoffClaims(Claims):
         self.sender.send(Message(CLAIM, session))
         return True
 
-    async def claimed(self, session: str) -> bool:
+    async def settle(self, session: str) -> bool:
         return False
 
 

@@ -65,6 +65,21 @@ def mutation(changes: HeaderChanges) -> pb.HeaderMutation:
         remove_headers=list(changes.remove))
 
 
+# The request-headers answer of every admitted request is one of a few key swaps (per API, per
+# path normalisation, per upstream key): each is built once. Held in memory only, like the key.
+_KEY_SWAPS: dict[HeaderChanges, pb.CommonResponse] = {}
+MAX_KEY_SWAPS = 256
+
+
+def _key_swap(changes: HeaderChanges) -> pb.CommonResponse:
+    common = _KEY_SWAPS.get(changes)
+    if common is None:
+        if len(_KEY_SWAPS) >= MAX_KEY_SWAPS:  # a rotated key, odd paths: start over
+            _KEY_SWAPS.clear()
+        common = _KEY_SWAPS[changes] = pb.CommonResponse(header_mutation=mutation(changes))
+    return common
+
+
 def immediate(reply: ImmediateReply) -> pb.ProcessingResponse:
     return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=reply.status),
@@ -264,7 +279,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         if isinstance(answer, ImmediateReply):
             return immediate(answer)
         return with_metadata(pb.ProcessingResponse(request_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(header_mutation=mutation(answer)))),
+            response=_key_swap(answer))),
             session.ticket.to_metadata() if session.ticket is not None else None)
 
     @staticmethod

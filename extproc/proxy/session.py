@@ -254,7 +254,7 @@ class RequestSession:
         it: the client left before any body went by, or that stream was lost."""
         claims = self.gateway.claims
         assert self.ticket is not None
-        if await claims.claimed(self.session_id):
+        if await claims.settle(self.session_id):
             return False
         await asyncio.sleep(self.gateway.observer_grace)
         return await claims.claim(self.session_id)

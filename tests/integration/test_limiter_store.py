@@ -414,3 +414,15 @@ async def test_ping_switches_explicitly(tmp_path: Path) -> None:
     finally:
         await store.close()
         server.stop()
+
+
+async def test_a_settled_claim_refuses_strays_for_its_short_ttl_then_is_gone(store: LimiterStore) -> None:
+    """A request's claim lives an hour until its request filter settles it; then only the
+    settled TTL: the store does not hold every request's claim for an hour."""
+    assert await store.claim("record:s", T0, 3600)
+    assert not await store.claim("record:s", T0, 3600)
+    assert not await store.settle_claim("record:never", T0, 0.3)  # nobody claimed that one
+    assert await store.settle_claim("record:s", T0, 0.3)
+    assert not await store.claim("record:s", T0 + 0.1, 3600)  # a stray is still refused
+    await asyncio.sleep(0.5)  # Redis expires keys on its own clock
+    assert await store.claim("record:s", T0 + 0.5, 3600)  # the settled claim is gone

@@ -52,8 +52,8 @@ async def test_observer_claim_first_records_once_and_the_request_filter_does_not
     receiver = Receiver(gateway)
     receiver.on_message(Message(CLAIM, "s-1"))
     await asyncio.sleep(0)
-    assert await gateway.claims.claimed("s-1")
     assert not await gateway.claims.claim("s-1")  # the request filter after its grace
+    assert await gateway.claims.settle("s-1")  # what the request filter asks at its end
     receiver.on_message(Message(OUTCOME, "s-1", OUTCOME_FULL))
     receiver.on_message(Message(OUTCOME, "s-1", OUTCOME_FULL))  # a duplicate changes nothing
     await asyncio.sleep(0.01)

@@ -85,8 +85,10 @@ class LimiterStore(Protocol):
         """Take `key` for `ttl` seconds if nobody holds it; True if this call took it."""
         ...
 
-    async def claimed(self, key: str, now: float) -> bool:
-        """Whether somebody holds `key`."""
+    async def settle_claim(self, key: str, now: float, ttl: float) -> bool:
+        """Whether somebody holds `key`; if so, it is kept only `ttl` seconds more (its request
+        is settled: nobody asks again, a stray claim is still refused), so that claims do not
+        pile up for their whole TTL."""
         ...
 
     async def join_capped(self, key: str, member: str, limit: int) -> bool:

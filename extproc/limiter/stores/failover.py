@@ -216,8 +216,8 @@ class FailoverStore:
     async def claim(self, key: str, now: float, ttl: float) -> bool:
         return await self._run(lambda s: s.claim(key, now, ttl))
 
-    async def claimed(self, key: str, now: float) -> bool:
-        return await self._run(lambda s: s.claimed(key, now))
+    async def settle_claim(self, key: str, now: float, ttl: float) -> bool:
+        return await self._run(lambda s: s.settle_claim(key, now, ttl))
 
     async def join_capped(self, key: str, member: str, limit: int) -> bool:
         return await self._run(lambda s: s.join_capped(key, member, limit))

@@ -44,6 +44,7 @@ class LocalStore:
         self._states: dict[str, tuple[float, str]] = {}  # account -> (expiry, JSON)
         self._gates: dict[str, tuple[float, dict[str, Any]]] = {}
         self._claims: OrderedDict[str, float] = OrderedDict()  # key -> expiry, oldest first
+        self._settled: OrderedDict[str, float] = OrderedDict()  # the same, with the settled TTL
         self._sets: dict[str, set[str]] = {}  # join_capped: bounded by each call's limit
 
     async def acquire_slot(self, account: str, lease_id: str, limit: int, now: float,
@@ -77,18 +78,18 @@ class LocalStore:
         return len(expired)
 
     async def claim(self, key: str, now: float, ttl: float) -> bool:
-        while self._claims:  # expired claims leave from the front (one TTL for all)
-            oldest, expiry = next(iter(self._claims.items()))
-            if expiry > now and len(self._claims) < MAX_CLAIMS:
-                break
-            del self._claims[oldest]
-        if self._claims.get(key, 0.0) > now:
+        _expire_front(self._claims, now)
+        _expire_front(self._settled, now)
+        if self._claims.get(key, 0.0) > now or self._settled.get(key, 0.0) > now:
             return False
         self._claims[key] = now + ttl
         return True
 
-    async def claimed(self, key: str, now: float) -> bool:
-        return self._claims.get(key, 0.0) > now
+    async def settle_claim(self, key: str, now: float, ttl: float) -> bool:
+        if self._claims.pop(key, 0.0) <= now:
+            return False
+        self._settled[key] = now + ttl
+        return True
 
     async def join_capped(self, key: str, member: str, limit: int) -> bool:
         members = self._sets.setdefault(key, set())
@@ -175,3 +176,13 @@ class LocalStore:
 
     async def close(self) -> None:
         return None
+
+
+def _expire_front(expiries: "OrderedDict[str, float]", now: float) -> None:
+    """Expired entries leave from the front (one TTL for all entries of a dict), and the oldest
+    past MAX_CLAIMS."""
+    while expiries:
+        oldest, expiry = next(iter(expiries.items()))
+        if expiry > now and len(expiries) < MAX_CLAIMS:
+            break
+        del expiries[oldest]
