@@ -122,6 +122,29 @@ class _DeltaText:
 
 
 
+_MARKERS = (b"message_", b'"error"', b"event: error", b"event:error")
+_FIRST_TOKEN = b"content_block_delta"
+
+
+def _marked_blocks(chunk: bytes, first_seen: bool) -> list[tuple[int, int]]:
+    """The (start, end) of each event in `chunk` (whole events, LF only) that holds a marker, or
+    the first content delta while no first token was seen, in order: found with `bytes.find`,
+    so the events between them cost nothing."""
+    starts: dict[int, int] = {}
+    markers = _MARKERS if first_seen else _MARKERS + (_FIRST_TOKEN,)
+    for marker in markers:
+        at = chunk.find(marker)
+        while at != -1:
+            start = chunk.rfind(b"\n\n", 0, at) + 2 if at else 0
+            start = 0 if start == 1 else start  # no blank line before: the chunk's first event
+            end = chunk.find(b"\n\n", at)
+            starts[start] = end
+            if marker is _FIRST_TOKEN:
+                break  # only the first delta matters
+            at = chunk.find(marker, end)
+    return sorted(starts.items())
+
+
 def _marked(data: bytes) -> bool:
     """Whether Anthropic SSE bytes may hold an event the tracker records (see `feed_whole`)."""
     return (b"message_" in data or b'"error"' in data or b"event: error" in data
@@ -146,33 +169,27 @@ class AnthropicStream:
         is kept raw for the fallback estimate. False: the parser must take the chunk."""
         if not chunk.endswith(b"\n\n") or parser.pending() or b"\r" in chunk:
             return False
-        if self.facts.first_token_at is not None and not _marked(chunk):
+        first_seen = self.facts.first_token_at is not None
+        if first_seen and not _marked(chunk):
             self._deltas.keep((chunk,))  # the hot path of a long stream: one delta per chunk
             return True
-        skipped: list[bytes] = []
-        blocks = chunk.split(b"\n\n")
-        blocks.pop()
-        for block in blocks:
-            if self.facts.first_token_at is not None and not _marked(block):
-                skipped.append(block)
-                continue
-            if skipped:  # kept in order with the deltas `on_event` keeps
-                self._deltas.keep((b"\n\n".join(skipped) + b"\n\n",))
-                skipped = []
-            event, data = block_fields(block)
+        # Every delta stays in the raw chunk, in order: the events parsed here keep none.
+        self._deltas.keep((chunk,))
+        for start, end in _marked_blocks(chunk, first_seen):
+            event, data = block_fields(chunk[start:end])
             if data:
-                self.on_event(SseEvent(event, b"\n".join(data), b""), now)
-        if skipped:
-            self._deltas.keep((b"\n\n".join(skipped) + b"\n\n",))
+                self.on_event(SseEvent(event, b"\n".join(data), b""), now, keep=False)
         return True
 
-    def on_event(self, event: SseEvent, now: float) -> bool:
-        """Record one event; always forwarded (returns True)."""
+    def on_event(self, event: SseEvent, now: float, keep: bool = True) -> bool:
+        """Record one event; always forwarded (returns True). `keep`: a content delta's data is
+        kept for the fallback estimate (False: its raw chunk is)."""
         name = event.event or self._sniff(event.data)
         if name == b"content_block_delta":
             if self.facts.first_token_at is None:
                 self.facts.first_token_at = now
-            self._deltas.keep(event.data)
+            if keep:
+                self._deltas.keep(event.data)
         elif name == b"message_start":
             doc = _loads(event.data)
             message = doc.get("message") if isinstance(doc, dict) else None
