@@ -21,8 +21,8 @@ OBSERVER_GRACE_SECONDS = 5.0
 # Claims outlive any request's record by far; they only need to outlive the grace.
 CLAIM_TTL_SECONDS = 3600.0
 # Once the request filter has settled a request, its claim only refuses strays (a duplicate
-# outcome handed over late) for this long.
-SETTLED_CLAIM_TTL_SECONDS = 60.0
+# outcome handed over late, which comes within milliseconds) for this long.
+SETTLED_CLAIM_TTL_SECONDS = 10.0
 
 class Estimator(Protocol):
     """Token counting (tiktoken, cached, off the event loop for large inputs)."""
