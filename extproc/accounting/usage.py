@@ -120,35 +120,28 @@ class _DeltaText:
             self.size += len(data) if isinstance(data, bytes) else len(data[0])
 
 
-
-
-_MARKERS = (b"message_", b'"error"', b"event: error", b"event:error")
+# Bytes every event the Anthropic tracker records must contain: usage (message_start,
+# message_delta), message_stop, an error (its event name or payload). In content, quotes are
+# escaped, so `"error"` cannot come from a model's text.
+_MARKED = re.compile(rb'message_|"error"|event: ?error')
 _FIRST_TOKEN = b"content_block_delta"
 
 
 def _marked_blocks(chunk: bytes, first_seen: bool) -> list[tuple[int, int]]:
-    """The (start, end) of each event in `chunk` (whole events, LF only) that holds a marker, or
-    the first content delta while no first token was seen, in order: found with `bytes.find`,
-    so the events between them cost nothing."""
-    starts: dict[int, int] = {}
-    markers = _MARKERS if first_seen else _MARKERS + (_FIRST_TOKEN,)
-    for marker in markers:
-        at = chunk.find(marker)
-        while at != -1:
-            start = chunk.rfind(b"\n\n", 0, at) + 2 if at else 0
-            start = 0 if start == 1 else start  # no blank line before: the chunk's first event
-            end = chunk.find(b"\n\n", at)
-            starts[start] = end
-            if marker is _FIRST_TOKEN:
-                break  # only the first delta matters
-            at = chunk.find(marker, end)
-    return sorted(starts.items())
+    """The (start, end) of each event in `chunk` (whole events, LF only) that holds a marker, and
+    of the first content delta while no first token was seen, in order: found by searching the
+    bytes, so the events between them cost nothing."""
+    spans: dict[int, int] = {}
 
+    def add(at: int) -> None:
+        start = chunk.rfind(b"\n\n", 0, at)
+        spans[0 if start < 0 else start + 2] = chunk.find(b"\n\n", at)
 
-def _marked(data: bytes) -> bool:
-    """Whether Anthropic SSE bytes may hold an event the tracker records (see `feed_whole`)."""
-    return (b"message_" in data or b'"error"' in data or b"event: error" in data
-            or b"event:error" in data)
+    for match in _MARKED.finditer(chunk):
+        add(match.start())
+    if not first_seen and (at := chunk.find(_FIRST_TOKEN)) != -1:
+        add(at)
+    return sorted(spans.items())
 
 
 class AnthropicStream:
@@ -170,7 +163,7 @@ class AnthropicStream:
         if not chunk.endswith(b"\n\n") or parser.pending() or b"\r" in chunk:
             return False
         first_seen = self.facts.first_token_at is not None
-        if first_seen and not _marked(chunk):
+        if first_seen and _MARKED.search(chunk) is None:
             self._deltas.keep((chunk,))  # the hot path of a long stream: one delta per chunk
             return True
         # Every delta stays in the raw chunk, in order: the events parsed here keep none.

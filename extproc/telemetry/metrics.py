@@ -150,58 +150,46 @@ def _adder(child: Any) -> Callable[[float], None]:
 
 
 class _RequestSeries:
-    """The children one kind of request records into (endpoint, status, model, worker label):
-    resolved on first use, so recording a request costs attribute reads, not label lookups."""
+    """The children one kind of request records into (endpoint, status, model, worker label),
+    each resolved once, so recording a request costs attribute and dict reads, not label lookups.
+    The ones not every request moves are resolved on first use: a series appears in /metrics
+    only once it moved."""
 
-    __slots__ = ("_metrics", "_model", "_worker", "requests", "duration", "ttft", "cost",
-                 "worker_requests", "worker_cost", "_tokens", "_worker_tokens")
+    __slots__ = ("_metrics", "_model", "_worker", "requests", "duration", "worker_requests",
+                 "_resolved")
 
     def __init__(self, metrics: Metrics, endpoint: str, status: str, model: str,
                  worker: str | None) -> None:
-        child = metrics._child
         self._metrics, self._model, self._worker = metrics, model, worker
-        self.requests = _adder(child(metrics.requests, endpoint, status))
-        self.duration = child(metrics.duration, endpoint, status)
-        self.worker_requests = (_adder(child(metrics.worker_requests, worker, model, status))
+        self.requests = _adder(metrics._child(metrics.requests, endpoint, status))
+        self.duration = metrics._child(metrics.duration, endpoint, status)
+        self.worker_requests = (_adder(metrics._child(metrics.worker_requests, worker, model, status))
                                 if worker is not None else None)
-        # Resolved when first used: a series appears in /metrics only once it moved.
-        self.ttft: Any = None
-        self.cost: Any = None
-        self.worker_cost: Any = None
-        self._tokens: dict[tuple[str, bool], Any] = {}
-        self._worker_tokens: dict[str, Any] = {}
+        self._resolved: dict[object, Any] = {}
+
+    def _lazy(self, key: object, metric: Counter | Histogram, *values: str) -> Any:
+        found = self._resolved.get(key)
+        if found is None:
+            child = self._metrics._child(metric, *values)
+            found = self._resolved[key] = child.observe if isinstance(metric, Histogram) else _adder(child)
+        return found
 
     def observe_ttft(self, seconds: float) -> None:
-        if self.ttft is None:
-            self.ttft = self._metrics._child(self._metrics.ttft, self._model)
-        self.ttft.observe(seconds)
+        self._lazy("ttft", self._metrics.ttft, self._model)(seconds)
 
     def add_cost(self, cost: float) -> None:
-        metrics = self._metrics
-        if self.cost is None:
-            self.cost = _adder(metrics._child(metrics.cost, self._model))
-        self.cost(cost)
+        self._lazy("cost", self._metrics.cost, self._model)(cost)
         if self._worker is not None:
-            if self.worker_cost is None:
-                self.worker_cost = _adder(
-                    metrics._child(metrics.worker_cost, self._worker, self._model))
-            self.worker_cost(cost)
+            self._lazy("worker_cost", self._metrics.worker_cost, self._worker, self._model)(cost)
 
-    def tokens(self, direction: str, estimated: bool):  # type: ignore[no-untyped-def]
-        found = self._tokens.get((direction, estimated))
-        if found is None:
-            found = self._tokens[(direction, estimated)] = _adder(self._metrics._child(
-                self._metrics.tokens, direction, self._model,
-                "estimated" if estimated else "reported"))
-        return found
+    def tokens(self, direction: str, estimated: bool) -> Callable[[float], None]:
+        return self._lazy((direction, estimated), self._metrics.tokens, direction, self._model,
+                          "estimated" if estimated else "reported")
 
-    def worker_tokens(self, direction: str):  # type: ignore[no-untyped-def]
-        found = self._worker_tokens.get(direction)
-        if found is None:
-            assert self._worker is not None
-            found = self._worker_tokens[direction] = _adder(self._metrics._child(
-                self._metrics.worker_tokens, self._worker, self._model, direction))
-        return found
+    def worker_tokens(self, direction: str) -> Callable[[float], None]:
+        assert self._worker is not None
+        return self._lazy(("worker", direction), self._metrics.worker_tokens, self._worker, self._model,
+                          direction)
 
 
 class LimiterMetrics:
