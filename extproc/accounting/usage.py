@@ -122,8 +122,9 @@ class _DeltaText:
 
 # Bytes every event the Anthropic tracker records must contain: usage (message_start,
 # message_delta), message_stop, an error (its event name or payload). In content, quotes are
-# escaped, so `"error"` cannot come from a model's text.
-_MARKED = re.compile(rb'message_|"error"|event: ?error')
+# escaped, so `"error"` cannot come from a model's text. Searched with `bytes.find` (memchr
+# speed), not one regex: an alternation of literals makes `re` try every position, ~10x slower.
+_MARKERS = (b"message_", b'"error"', b"event: error", b"event:error")
 _FIRST_TOKEN = b"content_block_delta"
 
 
@@ -132,15 +133,17 @@ def _marked_blocks(chunk: bytes, first_seen: bool) -> list[tuple[int, int]]:
     of the first content delta while no first token was seen, in order: found by searching the
     bytes, so the events between them cost nothing."""
     spans: dict[int, int] = {}
-
-    def add(at: int) -> None:
-        start = chunk.rfind(b"\n\n", 0, at)
-        spans[0 if start < 0 else start + 2] = chunk.find(b"\n\n", at)
-
-    for match in _MARKED.finditer(chunk):
-        add(match.start())
-    if not first_seen and (at := chunk.find(_FIRST_TOKEN)) != -1:
-        add(at)
+    find, rfind = chunk.find, chunk.rfind
+    for marker in _MARKERS:
+        at = find(marker)
+        while at != -1:
+            start = rfind(b"\n\n", 0, at)
+            end = find(b"\n\n", at)  # found: the chunk ends with a blank line, markers hold no LF
+            spans[0 if start < 0 else start + 2] = end
+            at = find(marker, end)  # the next event holding it
+    if not first_seen and (at := find(_FIRST_TOKEN)) != -1:
+        start = rfind(b"\n\n", 0, at)
+        spans[0 if start < 0 else start + 2] = find(b"\n\n", at)
     return sorted(spans.items())
 
 
@@ -163,7 +166,8 @@ class AnthropicStream:
         if not chunk.endswith(b"\n\n") or parser.pending() or b"\r" in chunk:
             return False
         first_seen = self.facts.first_token_at is not None
-        if first_seen and _MARKED.search(chunk) is None:
+        if first_seen and not (b"message_" in chunk or b'"error"' in chunk  # _MARKERS, inlined
+                               or b"event: error" in chunk or b"event:error" in chunk):
             self._deltas.keep((chunk,))  # the hot path of a long stream: one delta per chunk
             return True
         # Every delta stays in the raw chunk, in order: the events parsed here keep none.

@@ -189,7 +189,10 @@ class Admission:
     # -- the queue pump ----------------------------------------------------------------------
 
     def _kick(self) -> None:
-        asyncio.ensure_future(self._pump())
+        # Nothing queued, nothing to pump (a pump in flight re-checks the queue itself): every
+        # release kicks, and a task per request for nothing cost more than the release.
+        if len(self.queue):
+            asyncio.ensure_future(self._pump())
 
     def _schedule(self, delay: float) -> None:
         if self._timer is None or self._timer.when() > asyncio.get_running_loop().time() + delay:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any, Mapping
 
 DEFAULT_PRICES: dict[str, Any] = {
@@ -36,7 +36,9 @@ class Peak:
     multiplier: float
 
     def applies(self, wall: float) -> bool:
-        hour = datetime.fromtimestamp(wall, timezone(self.offset)).hour
+        # The hour on a fixed-offset clock, by arithmetic: what `datetime.fromtimestamp(wall,
+        # timezone(offset)).hour` says (tested), at a tenth of its cost, once per request.
+        hour = int((wall + self.offset.total_seconds()) // 3600 % 24)
         return self.start_hour <= hour < self.end_hour
 
 

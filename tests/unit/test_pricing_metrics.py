@@ -1,10 +1,11 @@
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, strategies as st
 
 from extproc.api import Endpoint
 from extproc.telemetry.metrics import Metrics
-from extproc.telemetry.pricing import DEFAULT_PRICES, PriceTable
+from extproc.telemetry.pricing import DEFAULT_PRICES, Peak, PriceTable
 from extproc.telemetry.usage_record import Reporter
 from extproc.proxy.outcome import Outcome, Tokens
 
@@ -20,6 +21,16 @@ def test_cost_per_direction_and_peak_tier():
     assert off == pytest.approx(0.60 + 1.10 + 0.22)
     assert table.cost("glm-4.7", tokens, PEAK) == pytest.approx(off * DEFAULT_PRICES["peak"]["multiplier"])
     assert table.cost("mystery-model", tokens, OFF_PEAK) is None
+
+
+# Whole microseconds: datetime rounds a timestamp to them, which the hour of a request never needs.
+@given(wall=st.integers(min_value=0, max_value=4_000_000_000_000_000).map(lambda us: us / 1e6),
+       offset_minutes=st.integers(min_value=-14 * 60, max_value=14 * 60),
+       start=st.integers(0, 24), end=st.integers(0, 24))
+def test_peak_hours_match_the_calendar_on_any_fixed_offset_clock(wall, offset_minutes, start, end):
+    offset = timedelta(minutes=offset_minutes)
+    hour = datetime.fromtimestamp(wall, timezone(offset)).hour
+    assert Peak(offset, start, end, 2.0).applies(wall) == (start <= hour < end)
 
 
 @pytest.mark.parametrize("doc,problem", [
