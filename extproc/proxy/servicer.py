@@ -266,10 +266,16 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         namespace = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
         if namespace is None:
             return None
-        # Read the protobuf values directly: the Struct's mapping view converts in Python.
-        return Ticket.from_metadata({name: value.string_value if name != "started" else value.number_value
-                                     for name, value in namespace.fields.items()
-                                     if name in Ticket.METADATA_FIELDS})
+        # Each value read by name: iterating the Struct builds every entry in Python first.
+        get = namespace.fields.get
+        session, worker, endpoint, request_id, started = (
+            get("session"), get("worker"), get("endpoint"), get("request_id"), get("started"))
+        if session is None or worker is None or endpoint is None or request_id is None or started is None:
+            return None
+        agent_session = get("agent_session")
+        return Ticket.of(session.string_value, worker.string_value, endpoint.string_value,
+                         request_id.string_value, started.number_value,
+                         None if agent_session is None else agent_session.string_value)
 
     @staticmethod
     def _headers_answer(session: RequestSession,

@@ -9,7 +9,6 @@ fields show in the access log. Nothing in it is secret: the worker is a name or 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
 
 from extproc.api import Endpoint
 from extproc.ids import unique_id
@@ -32,10 +31,6 @@ class Ticket:
     started: float  # wall-clock epoch seconds, comparable across replicas
     agent_session: str | None = None  # the client's session header; the observer cannot see it
 
-    # The fields in the metadata (`started` is a number, the others strings).
-    METADATA_FIELDS = frozenset(("session", "worker", "endpoint", "request_id", "started",
-                                 "agent_session"))
-
     def to_metadata(self) -> dict[str, object]:
         fields: dict[str, object] = {
             "session": self.session, "worker": self.worker, "endpoint": self.endpoint.value,
@@ -45,13 +40,11 @@ class Ticket:
         return fields
 
     @classmethod
-    def from_metadata(cls, fields: Mapping[str, Any]) -> "Ticket | None":
-        """The ticket in a forwarded namespace (a protobuf Struct or a dict), or None when it is
-        missing or malformed."""
-        try:
-            return cls(str(fields["session"]), str(fields["worker"]),
-                       Endpoint(fields["endpoint"]), str(fields["request_id"]),
-                       float(fields["started"]),
-                       str(fields["agent_session"]) if "agent_session" in fields else None)
-        except (KeyError, ValueError, TypeError, AttributeError):
-            return None
+    def of(cls, session: str, worker: str, endpoint: str, request_id: str, started: float,
+           agent_session: str | None) -> "Ticket | None":
+        """The ticket of these metadata values, or None when the endpoint is not one of ours."""
+        known = _ENDPOINTS.get(endpoint)
+        return None if known is None else cls(session, worker, known, request_id, started, agent_session)
+
+
+_ENDPOINTS = {endpoint.value: endpoint for endpoint in Endpoint}
