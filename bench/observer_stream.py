@@ -69,15 +69,23 @@ def main() -> None:
         print(json.dumps(measure(args.number, args.repeat)))
         return
     checkouts = {"this checkout": ROOT} | ({"before": Path(args.before).resolve()} if args.before else {})
-    results = {}
-    for label, path in checkouts.items():
-        out = subprocess.run([sys.executable, __file__, "--child", str(path), "--number", str(args.number),
-                              "--repeat", str(args.repeat)], check=True, capture_output=True, text=True)
-        results[label] = json.loads(out.stdout)
-    shapes = list(next(iter(results.values())))
-    print("| stream | " + " | ".join(f"{label}, µs" for label in results) + " |")
+    results = {label: child([__file__, "--child", str(path)], args.number, args.repeat)
+               for label, path in checkouts.items()}
+    print_table("stream", "µs", results)
+
+
+def child(argv: list[str], number: int, repeat: int) -> dict[str, float]:
+    """One side of a side-by-side run: `argv` in a process of its own, its last line JSON."""
+    out = subprocess.run([sys.executable, *argv, "--number", str(number), "--repeat", str(repeat)],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def print_table(row: str, unit: str, results: dict[str, dict[str, float]]) -> None:
+    """A markdown table: a row per shape, a column per side."""
+    print(f"| {row} | " + " | ".join(f"{label}, {unit}" for label in results) + " |")
     print("|---|" + "---|" * len(results))
-    for shape in shapes:
+    for shape in next(iter(results.values())):
         print(f"| {shape} | " + " | ".join(f"{results[label][shape]:,.1f}" for label in results) + " |")
 
 

@@ -1,0 +1,158 @@
+"""Benchmark: the ext_proc's Python per request, without gRPC or Envoy.
+
+    .venv/bin/python bench/request_python.py                        # this checkout
+    .venv/bin/python bench/request_python.py --before /tmp/before   # and another checkout, side by side
+
+Drives the servicer's `Process` the way Envoy's streams do for one admitted request: the request
+filter's stream (request headers, answered with the key swap and the ticket; held open until the
+request ends), then the observer's stream (the request body, the response headers, the response
+body) carrying the forwarded ticket, then the request filter's stream ends. The service is the
+production one (`Service`, the in-process limiter store, metrics, the usage log line written to
+/dev/null). The minimal pass-through (`bench/passthrough.py`) runs the same messages for the
+baseline; the difference is the gateway's own Python. Two shapes: the response in one chunk (as
+`sat_short` in bench/gateway.py hands it over) and one event per chunk (as `ttft64`). Prints CPU µs
+per request, best of --repeat rounds of --number requests, each checkout in a process of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from observer_stream import child, events as sse_events, print_table  # bench/: the script's folder
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "glm-4.7"
+
+
+class _Context:
+    """What the servicer reads of grpc.aio's context: the stream's initial metadata."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+
+async def _stream(messages: list[Any], hold: asyncio.Event | None = None) -> AsyncIterator[Any]:
+    for message in messages:
+        yield message
+    if hold is not None:  # the request filter's stream stays open until the request ends
+        await hold.wait()
+
+
+def measure(kind: str, number: int, repeat: int) -> dict[str, float]:
+    """CPU µs per request for each response shape, with the `extproc` first on sys.path."""
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from extproc.config import Settings
+    from extproc.proxy.servicer import OBSERVER_METADATA, ExternalProcessor
+    from extproc.server import Service
+    from extproc.telemetry import logs
+
+    state = tempfile.mkdtemp(prefix="zai-bench-python-")
+    settings = Settings.from_env({
+        "ZAI_API_KEY": "bench-upstream-key-0123456789", "LIMITER_STATE_FILE": f"{state}/limiter.json",
+        "ENVOY_ROUTES_DIR": f"{state}/routes", "LOG_LEVEL": "INFO",
+        # As bench/gateway.py: limits far above the load, so no request waits.
+        "RATE_LIMIT_INITIAL": "5000", "RATE_LIMIT_MAX": "5000", "START_RATE_INITIAL": "10000000",
+        "START_RATE_MAX": "10000000", "QUEUE_MAX": "10000"})
+    logs.setup("extproc", "INFO")
+    logging.getLogger().handlers[0].setStream(open(os.devnull, "w"))  # type: ignore[attr-defined]
+
+    def headers(values: dict[str, str]) -> Any:
+        return pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+            base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()]))
+
+    request_headers = pb.ProcessingRequest(request_headers=headers({
+        ":path": "/api/anthropic/v1/messages?beta=true", ":method": "POST",
+        "authorization": "Bearer bench-worker-token", "content-type": "application/json",
+        "x-request-id": "0f3c9a52-5d1e-4b7a-9c2e-6a8b1d4e7f90"}))
+    body = json.dumps({"model": MODEL, "max_tokens": 1024, "stream": True,
+                       "messages": [{"role": "user", "content": "hello " * 40}]}).encode()
+    events = sse_events(16)
+    shapes = {"response in 1 chunk": [b"".join(events)], "1 event per chunk": events}
+
+    async def run() -> dict[str, float]:
+        service = Service(settings)
+        await service.limiter.start()
+        if kind == "passthrough":
+            sys.path.insert(0, str(ROOT / "bench"))
+            from passthrough import PassThrough
+            servicer: Any = PassThrough()
+        else:
+            servicer = ExternalProcessor(service.gateway, service.on_stream)
+
+        async def one(chunks: list[bytes]) -> None:
+            ended, answers = asyncio.Event(), []
+
+            async def request_filter() -> None:
+                async for answer in servicer.Process(_stream([request_headers], ended), _Context(())):
+                    answers.append(answer)
+
+            task = asyncio.ensure_future(request_filter())
+            while not answers:
+                await asyncio.sleep(0)
+            ticket = answers[0].dynamic_metadata.fields.get("zai_proxy")
+            observed = [pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)),
+                        pb.ProcessingRequest(response_headers=headers(
+                            {":status": "200", "content-type": "text/event-stream"}))]
+            observed += [pb.ProcessingRequest(response_body=pb.HttpBody(
+                body=chunk, end_of_stream=i == len(chunks) - 1)) for i, chunk in enumerate(chunks)]
+            for message in observed:  # Envoy forwards the ticket with every observer message
+                if ticket is not None:
+                    message.metadata_context.filter_metadata["zai_proxy"].CopyFrom(ticket.struct_value)
+            async for _ in servicer.Process(_stream(observed), _Context((OBSERVER_METADATA,))):
+                pass
+            ended.set()
+            await task
+
+        result = {}
+        for name, chunks in shapes.items():
+            for _ in range(min(500, number)):  # warm: caches, label children, the key swap
+                await one(chunks)
+            best = float("inf")
+            for _ in range(repeat):
+                start = time.process_time()
+                for _ in range(number):
+                    await one(chunks)
+                best = min(best, (time.process_time() - start) / number * 1e6)
+            result[name] = best
+        await service.limiter.stop()
+        return result
+
+    import uvloop  # the production ext_proc's loop
+    return uvloop.run(run())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", metavar="DIR", help="another checkout, timed side by side")
+    parser.add_argument("--number", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, path = args.child
+        sys.path.insert(0, path)
+        print(json.dumps(measure(kind, args.number, args.repeat)))
+        return
+    runs = {"pass-through": ("passthrough", ROOT), "gateway": ("gateway", ROOT)}
+    if args.before:
+        runs["gateway, before"] = ("gateway", Path(args.before).resolve())
+    results = {label: child([__file__, "--child", kind, str(path)], args.number, args.repeat)
+               for label, (kind, path) in runs.items()}
+    print_table("response", "CPU µs per request", results)
+
+if __name__ == "__main__":
+    main()
