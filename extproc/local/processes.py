@@ -47,11 +47,25 @@ class FileSink:
         self._files.clear()
 
 
+# Ports free_port handed out lately, oldest first: callers take several (a stack's listeners and
+# admin ports) before any child binds one, and the kernel may offer a just-closed port again.
+_HANDED_OUT: dict[int, None] = {}
+_HANDED_OUT_KEPT = 1024
+
+
 def free_port() -> int:
-    """A loopback port free right now (the caller's child binds it soon after)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free right now (the caller's child binds it soon after), and not one this
+    process handed out among the last ~1,000."""
+    for _ in range(64):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            break
+    _HANDED_OUT[port] = None
+    if len(_HANDED_OUT) > _HANDED_OUT_KEPT:
+        del _HANDED_OUT[next(iter(_HANDED_OUT))]
+    return port
 
 
 def envoy_binary() -> str:
@@ -161,14 +175,16 @@ class ProcessGroup:
                 pump.cancel()
 
 
-async def wait_http_ok(url: str, timeout: float, child: Child | None = None) -> None:
-    """Poll `url` until it answers 200; fail early if the child serving it dies."""
+async def wait_http_ok(url: str, timeout: float, *children: Child) -> None:
+    """Poll `url` until it answers 200; fail early if one of `children` (the one serving it, and
+    those it needs) dies."""
     deadline = time.monotonic() + timeout
     last_error = "no answer"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
         while time.monotonic() < deadline:
-            if child is not None and child.process.returncode is not None:
-                raise RuntimeError(f"{child.name} exited with code {child.process.returncode}")
+            for child in children:
+                if child.process.returncode is not None:
+                    raise RuntimeError(f"{child.name} exited with code {child.process.returncode}")
             try:
                 async with session.get(url) as resp:
                     if resp.status == 200:

@@ -121,7 +121,8 @@ class LocalStack:
         config = write_envoy_config(self.settings, self.run_dir / "envoy.yaml", routes="replace",
                                     replicas={v: self.extprocs(v) for v in self.variants})
         envoy = await self.group.start("envoy", envoy_argv(config, self.envoy_log_level), self.env)
-        await wait_http_ok(f"{self.listener_url}/health", timeout, envoy)
+        # Envoy's /health asks an ext_proc: any child's death fails the start at once.
+        await wait_http_ok(f"{self.listener_url}/health", timeout, *self.group.children)
         if self.dashboard:
             await self.start_dashboard(timeout)
 
@@ -142,7 +143,7 @@ class LocalStack:
         if not (env.get("DASHBOARD_TARGETS") or env.get("PROMETHEUS_URL")):
             env["DASHBOARD_TARGETS"] = self.dashboard_targets()
         child = await self.group.start("dashboard", python_argv("extproc", "dashboard"), env)
-        await wait_http_ok(f"{self.dashboard_url}/health", timeout, child)
+        await wait_http_ok(f"{self.dashboard_url}/health", timeout, *self.group.children)
         return child
 
     async def stop_dashboard(self) -> None:
