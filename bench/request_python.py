@@ -57,6 +57,7 @@ def measure(kind: str, number: int, repeat: int) -> dict[str, float]:
 
     from extproc.config import Settings
     from extproc.proxy.servicer import OBSERVER_METADATA, ExternalProcessor
+    from extproc.proxy.ticket import METADATA_NAMESPACE
     from extproc.server import Service
     from extproc.telemetry import logs
 
@@ -87,8 +88,7 @@ def measure(kind: str, number: int, repeat: int) -> dict[str, float]:
         service = Service(settings)
         await service.limiter.start()
         if kind == "passthrough":
-            sys.path.insert(0, str(ROOT / "bench"))
-            from passthrough import PassThrough
+            from passthrough import PassThrough  # bench/, beside this script
             servicer: Any = PassThrough()
         else:
             servicer = ExternalProcessor(service.gateway, service.on_stream)
@@ -103,7 +103,7 @@ def measure(kind: str, number: int, repeat: int) -> dict[str, float]:
             task = asyncio.ensure_future(request_filter())
             while not answers:
                 await asyncio.sleep(0)
-            ticket = answers[0].dynamic_metadata.fields.get("zai_proxy")
+            ticket = answers[0].dynamic_metadata.fields.get(METADATA_NAMESPACE)
             observed = [pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)),
                         pb.ProcessingRequest(response_headers=headers(
                             {":status": "200", "content-type": "text/event-stream"}))]
@@ -111,7 +111,7 @@ def measure(kind: str, number: int, repeat: int) -> dict[str, float]:
                 body=chunk, end_of_stream=i == len(chunks) - 1)) for i, chunk in enumerate(chunks)]
             for message in observed:  # Envoy forwards the ticket with every observer message
                 if ticket is not None:
-                    message.metadata_context.filter_metadata["zai_proxy"].CopyFrom(ticket.struct_value)
+                    message.metadata_context.filter_metadata[METADATA_NAMESPACE].CopyFrom(ticket.struct_value)
             async for _ in servicer.Process(_stream(observed), _Context((OBSERVER_METADATA,))):
                 pass
             ended.set()

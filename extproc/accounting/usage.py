@@ -134,16 +134,20 @@ def _marked_blocks(chunk: bytes, first_seen: bool) -> list[tuple[int, int]]:
     bytes, so the events between them cost nothing."""
     spans: dict[int, int] = {}
     find, rfind = chunk.find, chunk.rfind
+
+    def add(at: int) -> int:
+        """Keep the event around `at`; its end (found: the chunk ends with a blank line, and no
+        marker holds a line feed)."""
+        start = rfind(b"\n\n", 0, at)
+        end = spans[0 if start < 0 else start + 2] = find(b"\n\n", at)
+        return end
+
     for marker in _MARKERS:
         at = find(marker)
         while at != -1:
-            start = rfind(b"\n\n", 0, at)
-            end = find(b"\n\n", at)  # found: the chunk ends with a blank line, markers hold no LF
-            spans[0 if start < 0 else start + 2] = end
-            at = find(marker, end)  # the next event holding it
+            at = find(marker, add(at))  # the next event holding it
     if not first_seen and (at := find(_FIRST_TOKEN)) != -1:
-        start = rfind(b"\n\n", 0, at)
-        spans[0 if start < 0 else start + 2] = find(b"\n\n", at)
+        add(at)
     return sorted(spans.items())
 
 
