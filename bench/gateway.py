@@ -45,6 +45,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -482,6 +483,23 @@ def summarize(point: Point) -> dict[str, Any]:
     return out
 
 
+def median_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each numeric field's median over the rounds of one point (the rounds themselves kept)."""
+    if len(rounds) == 1:
+        return rounds[0]
+    out: dict[str, Any] = {}
+    for key, value in rounds[0].items():
+        values = [r[key] for r in rounds if key in r]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(values)
+        else:
+            out[key] = value
+    kinds = {kind for r in rounds for kind in r["errors"]}
+    out["errors"] = {kind: statistics.median(r["errors"].get(kind, 0) for r in rounds) for kind in kinds}
+    out["rounds"] = rounds
+    return out
+
+
 def f(value: Any, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "–"
@@ -510,7 +528,16 @@ def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(rows)
 
 
+def paired(per_setup: dict[str, dict[str, Any]], a: str, b: str, key: str, diff: bool = False) -> float:
+    """a's `key` over b's (or minus, with `diff`): with --rounds, the median of each round's
+    pair (measured back to back, so a drift of the shared machine's load cancels), else the one."""
+    ra, rb = per_setup[a].get("rounds", [per_setup[a]]), per_setup[b].get("rounds", [per_setup[b]])
+    pairs = [(x[key], y[key]) for x, y in zip(ra, rb) if key in x and key in y]
+    return statistics.median((x - y) if diff else (x / y) for x, y in pairs)
+
+
 def targets(results: dict[str, dict[str, dict[str, Any]]], soak: dict[str, Any] | None) -> list[str]:
+    """Issue 16's targets, gateway against the minimal pass-through of the same run."""
     lines = []
 
     def verdict(ok: bool) -> str:
@@ -519,23 +546,33 @@ def targets(results: dict[str, dict[str, dict[str, Any]]], soak: dict[str, Any] 
         tag = "" if gw == "gateway" else " [RESPONSE_PROCESSING=inline]"
         t = results.get("ttft64")
         if t and {"floor", gw} <= t.keys():
-            p50 = t[gw]["ttft_p50_ms"] - t["floor"]["ttft_p50_ms"]
-            p99 = t[gw]["ttft_p99_ms"] - t["floor"]["ttft_p99_ms"]
+            p50 = paired(t, gw, "floor", "ttft_p50_ms", diff=True)
+            p99 = paired(t, gw, "floor", "ttft_p99_ms", diff=True)
             lines.append(f"- TTFT added over Envoy alone at 64 streams, 20 ms events{tag}: p50 {p50:+.2f} ms "
                          f"(≤ 2) {verdict(p50 <= 2)}, p99 {p99:+.2f} ms (≤ 10) {verdict(p99 <= 10)}")
+        if t and {pt, gw} <= t.keys():
+            p50 = paired(t, gw, pt, "ttft_p50_ms", diff=True)
+            p99 = paired(t, gw, pt, "ttft_p99_ms", diff=True)
+            lines.append(f"- TTFT at 64 streams, gateway minus pass-through{tag}: p50 {p50:+.2f} ms (≤ +1) "
+                         f"{verdict(p50 <= 1)}, p99 {p99:+.2f} ms (≤ +5) {verdict(p99 <= 5)}")
         s = results.get("sat_short")
         if s and {pt, gw} <= s.keys():
-            ratio = s[gw]["req_per_s"] / s[pt]["req_per_s"]
+            ratio = paired(s, gw, pt, "req_per_s")
             lines.append(f"- Short-stream throughput, gateway / pass-through{tag}: {s[gw]['req_per_s']:.1f} / "
-                         f"{s[pt]['req_per_s']:.1f} req/s = {ratio:.0%} (≥ 70%) {verdict(ratio >= 0.7)}")
-        for name in ("long", "ttft64", "sat_short"):
-            s = results.get(name)
-            if s and {pt, gw} <= s.keys() and "extproc_cpu_us_per_event" in s[gw]:
-                ratio = s[gw]["extproc_cpu_us_per_event"] / s[pt]["extproc_cpu_us_per_event"]
-                lines.append(f"- ext_proc CPU per streamed event ({name}), gateway / pass-through{tag}: "
-                             f"{s[gw]['extproc_cpu_us_per_event']:.1f} / "
-                             f"{s[pt]['extproc_cpu_us_per_event']:.1f} µs = {ratio:.2f}x (≤ 1.3x) "
+                         f"{s[pt]['req_per_s']:.1f} req/s, {ratio:.0%} (≥ 90%) {verdict(ratio >= 0.9)}")
+        for name, s in results.items():
+            if {pt, gw} <= s.keys() and "extproc_cpu_ms_per_1k_req" in s[gw]:
+                ratio = paired(s, gw, pt, "extproc_cpu_ms_per_1k_req")
+                lines.append(f"- ext_proc CPU per request ({name}), gateway / pass-through{tag}: "
+                             f"{s[gw]['extproc_cpu_ms_per_1k_req'] / 1e3:.2f} / "
+                             f"{s[pt]['extproc_cpu_ms_per_1k_req'] / 1e3:.2f} ms, {ratio:.2f}x (≤ 1.3x) "
                              f"{verdict(ratio <= 1.3)}")
+        if gw == "gateway":
+            for name, s in results.items():
+                if {"gateway_before", gw} <= s.keys() and "extproc_cpu_ms_per_1k_req" in s[gw]:
+                    lines.append(f"- ext_proc CPU per request ({name}), gateway / gateway_before: "
+                                 f"{paired(s, gw, 'gateway_before', 'extproc_cpu_ms_per_1k_req'):.2f}x; "
+                                 f"req/s {paired(s, gw, 'gateway_before', 'req_per_s'):.2f}x")
         c = results.get("c1000", {}).get(gw)
         if c:
             lines.append(f"- ext_proc RSS at 1,000 open streams{tag}: {c['extproc_rss_max_mb']:.1f} MB (≤ 200) "
@@ -600,32 +637,36 @@ async def main_async(args: argparse.Namespace) -> int:
             results[sc.name] = {}
             if args.concurrency:
                 sc.concurrency = args.concurrency
-            for name in args.setups:
-                setup = setups[name]
-                spy = None
-                if args.profile and setup.extproc:
-                    spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-d",
-                                            str(int(args.profile)), "-f", "raw",
-                                            # --native (C frames too) must pause the process per sample
-                                            *(["-r", "100", "--native"] if os.environ.get("ZAI_BENCH_NATIVE")
-                                              else ["-r", "200", "--nonblocking"]),
-                                            "-o", str(run_dir / f"profile-{sc.name}-{name}.txt"),
-                                            "--pid", str(setup.extproc.pid)],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                # A short warm-up at the same shape, then the measured point.
-                await run_point(setup, sc, min(sc.concurrency, 64), 5, emulator, 30)
-                point = await run_point(setup, sc, max_requests, max_seconds, emulator,
-                                        request_timeout=sc.events * sc.interval + 60)
-                results[sc.name][name] = summary = summarize(point)
-                if spy is not None:
-                    try:
-                        spy.wait(args.profile + 30)
-                    except subprocess.TimeoutExpired:
-                        spy.kill()
-                        spy.wait()
-                print(f"{sc.name:>9} {name:>13}: " + json.dumps(
-                    {k: (round(v, 2) if isinstance(v, float) else v) for k, v in summary.items()}), flush=True)
-                await asyncio.sleep(1)  # let connections close and the ext_proc settle
+            rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in args.setups}
+            for order in range(args.rounds):
+                # Odd rounds run the set-ups in reverse: neither one always follows the other.
+                for name in (args.setups if order % 2 == 0 else args.setups[::-1]):
+                    setup = setups[name]
+                    spy = None
+                    if args.profile and setup.extproc:
+                        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-d",
+                                                str(int(args.profile)), "-f", "raw",
+                                                # --native (C frames too) must pause the process per sample
+                                                *(["-r", "100", "--native"] if os.environ.get("ZAI_BENCH_NATIVE")
+                                                  else ["-r", "200", "--nonblocking"]),
+                                                "-o", str(run_dir / f"profile-{sc.name}-{name}-{order}.txt"),
+                                                "--pid", str(setup.extproc.pid)],
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    # A short warm-up at the same shape, then the measured point.
+                    await run_point(setup, sc, min(sc.concurrency, 64), 5, emulator, 30)
+                    point = await run_point(setup, sc, max_requests, max_seconds, emulator,
+                                            request_timeout=sc.events * sc.interval + 60)
+                    rounds[name].append(summary := summarize(point))
+                    results[sc.name][name] = median_summary(rounds[name])
+                    if spy is not None:
+                        try:
+                            spy.wait(args.profile + 30)
+                        except subprocess.TimeoutExpired:
+                            spy.kill()
+                            spy.wait()
+                    print(f"{sc.name:>9} {name:>13} {order + 1}/{args.rounds}: " + json.dumps(
+                        {k: (round(v, 2) if isinstance(v, float) else v) for k, v in summary.items()}), flush=True)
+                    await asyncio.sleep(1)  # let connections close and the ext_proc settle
         if args.soak:
             soak = await soak_run(setups[args.soak_setup], emulator, emu_port, args.soak)
             soak["setup"] = args.soak_setup
@@ -666,6 +707,9 @@ def main() -> int:
     parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                         help="py-spy record each set-up's ext_proc for SECONDS at the start of each "
                              "measured gateway point (collapsed stacks in the run dir; needs py-spy)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each point this many times, set-ups interleaved (every other "
+                             "round in reverse order); tables show each field's median")
     parser.add_argument("--out", default=str(ROOT / "bench" / "gateway-last.json"))
     parser.add_argument("--before", metavar="DIR", default=None,
                         help="a checkout of an earlier revision (git worktree add DIR REV): set-up "

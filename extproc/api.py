@@ -7,6 +7,7 @@ arrive in their own API's format, so every gateway-made error goes through `erro
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ class Entrance:
     normalised: str | None = None
 
 
+# Clients send a handful of distinct paths (query strings included); each is classified once.
+@functools.lru_cache(maxsize=1024)
 def entrance_for_path(path: str) -> Entrance:
     """Classify the client's path. Repeated slashes and a trailing slash are normalised (Z.AI
     would not accept them); anything but the three endpoints is no endpoint."""

@@ -7,6 +7,7 @@ use. No key is ever logged; workers are known by name, or by a short hash of the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -24,6 +25,7 @@ class KeyUnavailable(RuntimeError):
     """The upstream key cannot be read right now."""
 
 
+@functools.lru_cache(maxsize=4096)  # a worker sends its key with every request
 def fingerprint(secret: str) -> str:
     """A short, stable, non-reversible name for a secret (safe to log and to use as a label)."""
     return hashlib.sha256(secret.encode()).hexdigest()[:12]

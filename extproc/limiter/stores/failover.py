@@ -52,6 +52,9 @@ class FailoverStore:
         self._retry_at = 0.0
         self._probe: asyncio.Task[None] | None = None
         self._leases: dict[str, _Lease] = {}
+        # How many of them each store holds: a lease held on the other side is rare (a spell on
+        # local limits), and this spares every admission a scan of all of them.
+        self._held: dict[int, int] = {id(primary): 0, id(fallback): 0}
         # Leases Redis may hold that this replica no longer uses there (lease_id -> account).
         self._orphans: dict[str, str] = {}
 
@@ -116,8 +119,23 @@ class FailoverStore:
 
     def _held_elsewhere(self, account: str, store: LimiterStore, now: float) -> int:
         """Unexpired leases this replica holds for `account` in the store other than `store`."""
+        if self._held[id(self._fallback if store is self._primary else self._primary)] == 0:
+            return 0
         return sum(1 for lease in self._leases.values()
                    if lease.account == account and lease.store is not store and lease.expires > now)
+
+    def _keep(self, lease_id: str, lease: _Lease) -> None:
+        previous = self._leases.get(lease_id)
+        if previous is not None:
+            self._held[id(previous.store)] -= 1
+        self._leases[lease_id] = lease
+        self._held[id(lease.store)] += 1
+
+    def _forget(self, lease_id: str) -> _Lease | None:
+        lease = self._leases.pop(lease_id, None)
+        if lease is not None:
+            self._held[id(lease.store)] -= 1
+        return lease
 
     async def acquire_slot(self, account: str, lease_id: str, limit: int, now: float,
                            ttl: float) -> bool:
@@ -146,11 +164,11 @@ class FailoverStore:
         room = limit - self._held_elsewhere(account, store, now)
         held = await store.acquire_slot(account, lease_id, room, now, ttl)
         if held:
-            self._leases[lease_id] = _Lease(store, account, now + ttl)
+            self._keep(lease_id, _Lease(store, account, now + ttl))
         return held
 
     async def release_slot(self, account: str, lease_id: str) -> bool:
-        lease = self._leases.pop(lease_id, None)
+        lease = self._forget(lease_id)
         if lease is None:
             return await self._run(lambda store: store.release_slot(account, lease_id))
         if lease.store is self._primary and not self.shared:
@@ -173,7 +191,7 @@ class FailoverStore:
     async def reap_expired(self, account: str, now: float) -> int:
         for lease_id, lease in list(self._leases.items()):
             if lease.account == account and lease.expires <= now:
-                del self._leases[lease_id]
+                self._forget(lease_id)
         reaped = await self._run(lambda store: store.reap_expired(account, now))
         if self.shared:  # leases left over from a spell on local limits
             reaped += await self._fallback.reap_expired(account, now)
