@@ -50,7 +50,13 @@ async def _stream(messages: list[Any], hold: asyncio.Event | None = None) -> Asy
         await hold.wait()
 
 
-def measure(kind: str, number: int, repeat: int, only: str | None = None) -> dict[str, float]:
+async def _drain(answers: AsyncIterator[Any]) -> None:
+    async for _ in answers:
+        pass
+
+
+def measure(kind: str, number: int, repeat: int, only: str | None = None,
+            in_flight: int = 0) -> dict[str, float]:
     """CPU µs per request for each response shape, with the `extproc` first on sys.path."""
     from envoy.config.core.v3 import base_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -119,6 +125,12 @@ def measure(kind: str, number: int, repeat: int, only: str | None = None) -> dic
             ended.set()
             await task
 
+        # Requests admitted and not over while the measured ones pass (as at 1,000 open streams):
+        # what costs more per request the more there are in flight shows here.
+        held = asyncio.Event()
+        others = [asyncio.ensure_future(_drain(servicer.Process(_stream([request_headers], held), _Context(()))))
+                  for _ in range(in_flight)]
+        await asyncio.sleep(0)
         result = {}
         for name, chunks in shapes.items():
             for _ in range(min(500, number)):  # warm: caches, label children, the key swap
@@ -130,6 +142,8 @@ def measure(kind: str, number: int, repeat: int, only: str | None = None) -> dic
                     await one(chunks)
                 best = min(best, (time.process_time() - start) / number * 1e6)
             result[name] = best
+        held.set()
+        await asyncio.gather(*others)
         await service.limiter.stop()
         return result
 
@@ -142,17 +156,20 @@ def main() -> None:
     parser.add_argument("--before", metavar="DIR", help="another checkout, timed side by side")
     parser.add_argument("--number", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--in-flight", type=int, default=0, metavar="N",
+                        help="N other requests admitted and open while measuring")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, path = args.child
         sys.path.insert(0, path)
-        print(json.dumps(measure(kind, args.number, args.repeat)))
+        print(json.dumps(measure(kind, args.number, args.repeat, in_flight=args.in_flight)))
         return
     runs = {"pass-through": ("passthrough", ROOT), "gateway": ("gateway", ROOT)}
     if args.before:
         runs["gateway, before"] = ("gateway", Path(args.before).resolve())
-    results = {label: child([__file__, "--child", kind, str(path)], args.number, args.repeat)
+    results = {label: child([__file__, "--child", kind, str(path), "--in-flight", str(args.in_flight)],
+                            args.number, args.repeat)
                for label, (kind, path) in runs.items()}
     print_table("response", "CPU µs per request", results)
 
