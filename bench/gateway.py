@@ -491,7 +491,10 @@ def median_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     for key, value in rounds[0].items():
         values = [r[key] for r in rounds if key in r]
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[key] = statistics.median(values)
+            middle = statistics.median(values)
+            # A count stays whole when its median is; the rest keeps three decimals.
+            out[key] = int(middle) if all(isinstance(v, int) for v in values) and middle == int(middle) \
+                else round(middle, 3)
         else:
             out[key] = value
     kinds = {kind for r in rounds for kind in r["errors"]}

@@ -29,7 +29,7 @@ from extproc.limiter.stores.base import LimiterStore
 from extproc.limiter.stores.local import LocalStore
 from extproc.limiter.pacing import Pacer
 from extproc.limiter.quota_poller import QUOTA_PATH, QuotaPoller, http_fetch
-from extproc.telemetry.metrics import (LimiterMetrics, Metrics, QuotaCollector,
+from extproc.telemetry.metrics import (LimiterMetrics, Metrics, QuotaCollector, adder,
                                        WorkerQueueCollector)
 from extproc.telemetry.worker_labels import WorkerLabels
 from extproc.telemetry.pricing import PriceTable
@@ -164,9 +164,9 @@ class Service:
     def on_attempt(self, verdict: AttemptVerdict) -> None:
         counter = self._attempt_counters.get(verdict.signal)
         if counter is None:  # one child per signal (a handful), resolved once
-            counter = self._attempt_counters[verdict.signal] = self.limiter_metrics.attempts.labels(
-                self.settings.deployment_variant, verdict.signal.value)
-        counter.inc()
+            counter = self._attempt_counters[verdict.signal] = adder(self.limiter_metrics.attempts.labels(
+                self.settings.deployment_variant, verdict.signal.value))
+        counter(1)
         if verdict.signal is not Signal.SUCCESS:
             self.metrics.upstream_error(verdict.signal.value, verdict.code)
         self.limiter.on_attempt(verdict.signal, verdict.code, verdict.message, verdict.retry_after)
@@ -188,7 +188,7 @@ class Service:
         return None
 
     def on_stream(self, delta: int) -> None:
-        self.metrics.in_progress.inc(delta)
+        self.metrics.streams_changed(delta)
 
 
 async def serve(service: Service, stop: asyncio.Event | None = None) -> None:

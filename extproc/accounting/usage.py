@@ -128,6 +128,19 @@ _MARKERS = (b"message_", b'"error"', b"event: error", b"event:error")
 _FIRST_TOKEN = b"content_block_delta"
 
 
+def _simple_event(chunk: bytes, start: int, end: int) -> tuple[bytes, bytes] | None:
+    """(name, data) of the event at chunk[start:end] when it is the shape Z.AI sends, one
+    `event: name` line and one `data: ...` line: what `block_fields` reads from it, without the
+    walk over its lines. None for any other shape (the walk takes it)."""
+    if not chunk.startswith(b"event: ", start):
+        return None
+    line_end = chunk.find(b"\n", start, end)
+    if line_end == -1 or not chunk.startswith(b"data: ", line_end + 1) or \
+            chunk.find(b"\n", line_end + 1, end) != -1:
+        return None
+    return chunk[start + 7:line_end], chunk[line_end + 7:end]
+
+
 def _marked_blocks(chunk: bytes, first_seen: bool) -> list[tuple[int, int]]:
     """The (start, end) of each event in `chunk` (whole events, LF only) that holds a marker, and
     of the first content delta while no first token was seen, in order: found by searching the
@@ -176,39 +189,47 @@ class AnthropicStream:
             return True
         # Every delta stays in the raw chunk, in order: the events parsed here keep none.
         self._deltas.keep((chunk,))
+        record = self._record
         for start, end in _marked_blocks(chunk, first_seen):
+            simple = _simple_event(chunk, start, end)
+            if simple is not None:
+                record(simple[0] or self._sniff(simple[1]), simple[1], now, False)
+                continue
             event, data = block_fields(chunk[start:end])
             if data:
-                self.on_event(SseEvent(event, b"\n".join(data), b""), now, keep=False)
+                joined = b"\n".join(data)
+                record(event or self._sniff(joined), joined, now, False)
         return True
 
     def on_event(self, event: SseEvent, now: float, keep: bool = True) -> bool:
         """Record one event; always forwarded (returns True). `keep`: a content delta's data is
         kept for the fallback estimate (False: its raw chunk is)."""
-        name = event.event or self._sniff(event.data)
+        self._record(event.event or self._sniff(event.data), event.data, now, keep)
+        return True
+
+    def _record(self, name: bytes, data: bytes, now: float, keep: bool) -> None:
         if name == b"content_block_delta":
             if self.facts.first_token_at is None:
                 self.facts.first_token_at = now
             if keep:
-                self._deltas.keep(event.data)
+                self._deltas.keep(data)
         elif name == b"message_start":
-            doc = _loads(event.data)
+            doc = _loads(data)
             message = doc.get("message") if isinstance(doc, dict) else None
             if isinstance(message, dict):
                 anthropic_usage(message.get("usage"), self.facts.usage)
                 if isinstance(message.get("model"), str):
                     self.facts.model = message["model"]
         elif name == b"message_delta":
-            doc = _loads(event.data)
+            doc = _loads(data)
             if isinstance(doc, dict) and isinstance(doc.get("usage"), dict):
                 anthropic_usage(doc["usage"], self.facts.usage)
                 self.facts.output_final = self.facts.usage.output is not None
         elif name == b"message_stop":
             self.facts.complete = True
         elif name == b"error":
-            self.facts.error_type, self.facts.error_code = error_fields(_loads(event.data))
+            self.facts.error_type, self.facts.error_code = error_fields(_loads(data))
             self.facts.error_type = self.facts.error_type or "error"
-        return True
 
     def _delta_payloads(self) -> list[bytes]:
         payloads: list[bytes] = []

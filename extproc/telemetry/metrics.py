@@ -9,9 +9,11 @@ costs dict lookups, not label resolution.
 from __future__ import annotations
 
 import platform
+from bisect import bisect_left
 from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.values import MutexValue
 
 from extproc import __version__
 from extproc.limiter.codes import CODES
@@ -76,6 +78,7 @@ class Metrics:
             ("deployment_variant", "worker", "model"), registry=r)
         self.in_progress = Gauge("zai_proxy_requests_in_progress", "Requests being processed now.",
                                  ("deployment_variant",), registry=r).labels(variant)
+        self.streams_changed = adder(self.in_progress)  # +1 / -1 per request filter stream
         build = Gauge("zai_proxy_build_info", "Build information (value is always 1).",
                       ("deployment_variant", "version", "python"), registry=r)
         build.labels(variant, __version__, platform.python_version()).set(1)
@@ -111,7 +114,7 @@ class Metrics:
             series = self._series[key] = _RequestSeries(
                 self, outcome.endpoint.value, str(outcome.status), model, worker)
         series.requests(1)
-        series.duration.observe(outcome.duration)
+        series.duration(outcome.duration)
         if series.worker_requests is not None:
             series.worker_requests(1)
         tokens = outcome.tokens
@@ -141,12 +144,67 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def _adder(child: Any) -> Callable[[float], None]:
-    """What adds to a resolved counter child: its value's `inc`, without the checks
+class _LoopValue:
+    """A metric value that only the event loop's thread changes (the request path: token counting
+    threads hand back counts, they record nothing), so it takes no lock: prometheus_client's
+    MutexValue takes one per change, a dozen per request. A scrape reads a whole float."""
+
+    __slots__ = ("_value", "_exemplar")
+    _multiprocess = False
+
+    def __init__(self, value: float) -> None:
+        self._value = value
+        self._exemplar = None
+
+    def inc(self, amount: float) -> None:
+        self._value += amount
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self._value = value
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        self._exemplar = exemplar
+
+    def get(self) -> float:
+        return self._value
+
+    def get_exemplar(self) -> Any:
+        return self._exemplar
+
+
+def _unlocked(value: Any) -> Any:
+    """`value` as a _LoopValue if it is prometheus_client's in-process kind, else itself (the
+    multiprocess mode's values are shared files: left alone)."""
+    return _LoopValue(value.get()) if type(value) is MutexValue else value
+
+
+def adder(child: Any) -> Callable[[float], None]:
+    """What adds to a resolved counter child: its value's `inc`, unlocked, without the checks
     `Counter.inc` makes on every call (a labelled parent, a negative amount), which cost more
     than the addition; the record adds counts and costs, never negative, to resolved children."""
     value = getattr(child, "_value", None)
-    return value.inc if callable(getattr(value, "inc", None)) else child.inc
+    if not callable(getattr(value, "inc", None)):
+        return child.inc
+    child._value = value = _unlocked(value)
+    return value.inc
+
+
+def _observer(child: Any) -> Callable[[float], None]:
+    """What observes into a resolved histogram child: `Histogram.observe` (the bucket is the
+    first whose bound is at least the amount) with unlocked values and a binary search."""
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets, total = getattr(child, "_buckets", None), getattr(child, "_sum", None)
+    if bounds is None or buckets is None or total is None or getattr(child, "_exemplars", None):
+        return child.observe
+    child._buckets = buckets = [_unlocked(bucket) for bucket in buckets]
+    child._sum = total = _unlocked(total)
+    add_sum = total.inc
+
+    def observe(amount: float) -> None:
+        add_sum(amount)
+        if amount == amount:  # NaN falls in no bucket, as with observe()
+            buckets[bisect_left(bounds, amount)].inc(1)
+    return observe
 
 
 class _RequestSeries:
@@ -161,9 +219,9 @@ class _RequestSeries:
     def __init__(self, metrics: Metrics, endpoint: str, status: str, model: str,
                  worker: str | None) -> None:
         self._metrics, self._model, self._worker = metrics, model, worker
-        self.requests = _adder(metrics._child(metrics.requests, endpoint, status))
-        self.duration = metrics._child(metrics.duration, endpoint, status)
-        self.worker_requests = (_adder(metrics._child(metrics.worker_requests, worker, model, status))
+        self.requests = adder(metrics._child(metrics.requests, endpoint, status))
+        self.duration = _observer(metrics._child(metrics.duration, endpoint, status))
+        self.worker_requests = (adder(metrics._child(metrics.worker_requests, worker, model, status))
                                 if worker is not None else None)
         self._resolved: dict[object, Any] = {}
 
@@ -171,7 +229,7 @@ class _RequestSeries:
         found = self._resolved.get(key)
         if found is None:
             child = self._metrics._child(metric, *values)
-            found = self._resolved[key] = child.observe if isinstance(metric, Histogram) else _adder(child)
+            found = self._resolved[key] = _observer(child) if isinstance(metric, Histogram) else adder(child)
         return found
 
     def observe_ttft(self, seconds: float) -> None:
@@ -220,7 +278,7 @@ class LimiterMetrics:
         from extproc.limiter.admission import AdmissionHooks
 
         return AdmissionHooks(
-            queue_wait=self.queue_wait.observe,
+            queue_wait=_observer(self.queue_wait),
             rejected=lambda reason: self.rejections.labels(self.variant, reason).inc(),
             adjusted=lambda limit, adj: self.adjustments.labels(
                 self.variant, limit, adj.value).inc(),

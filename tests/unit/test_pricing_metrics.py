@@ -85,3 +85,46 @@ async def test_upstream_error_labels_are_bounded():
     assert sample("zai_proxy_upstream_errors_total", text, error_class="concurrency", code="1302") == 1
     assert sample("zai_proxy_upstream_errors_total", text, error_class="server_error", code="other") == 1
     assert "weird" not in text and "99999" not in text
+
+
+def _plain_children(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prometheus_client's own (locked) counters and histograms, as the reference."""
+    import extproc.telemetry.metrics as module
+
+    monkeypatch.setattr(module, "adder", lambda child: child.inc)
+    monkeypatch.setattr(module, "_observer", lambda child: child.observe)
+
+
+def _samples(metrics: Metrics) -> list[str]:
+    return sorted(line for line in metrics.exposition().decode().splitlines()
+                  if line and "_created" not in line)  # creation times differ between registries
+
+
+durations = st.one_of(st.floats(0, 1000, allow_nan=False), st.sampled_from([0.0, 0.05, 0.1, 600.0, 900.0]))
+outcomes = st.builds(
+    lambda status, duration, ttft, tokens, model, worker: Outcome(
+        endpoint=Endpoint.MESSAGES, worker=worker, request_id="r", status=status, duration=duration,
+        completed=True, model=model, tokens=tokens, time_to_first_token=ttft),
+    st.sampled_from([200, 429, 500]), durations, st.none() | durations,
+    st.none() | st.builds(Tokens, st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 10**4),
+                          st.integers(0, 10**4), st.booleans(), st.booleans()),
+    st.sampled_from(["glm-4.7", "other-model", None]), st.sampled_from(["a", "b"]))
+
+
+@given(st.lists(outcomes, max_size=30), st.lists(st.sampled_from([1, -1]), max_size=10))
+def test_unlocked_series_expose_what_prometheus_client_would(recorded, streams):
+    """The request path adds to its series without prometheus_client's lock per change and finds
+    a histogram's bucket by binary search: the exposition is the library's own, sample for sample."""
+    fast, plain = Metrics("production", ["glm-4.7"]), None
+    with pytest.MonkeyPatch.context() as patch:
+        _plain_children(patch)
+        plain = Metrics("production", ["glm-4.7"])
+        for outcome_ in recorded:
+            plain.record(outcome_, 0.001 if outcome_.tokens else None, outcome_.worker)
+        for delta in streams:
+            plain.streams_changed(delta)
+    for outcome_ in recorded:
+        fast.record(outcome_, 0.001 if outcome_.tokens else None, outcome_.worker)
+    for delta in streams:
+        fast.streams_changed(delta)
+    assert _samples(fast) == _samples(plain)

@@ -120,7 +120,16 @@ MARKER_TEXTS = st.lists(st.sampled_from(['error', '"error"', 'event: error', 'me
                                          'ok ', '\n\n', 'data: x']), min_size=1, max_size=8)
 
 
-@settings(max_examples=200)
+SHAPES = [
+    lambda raw: raw,
+    lambda raw: raw.replace(b"event: ", b"event:", 1),  # no space after the colon
+    lambda raw: raw.replace(b"data: ", b"data:", 1),
+    lambda raw: b": ping\n" + raw,  # a comment line first
+    lambda raw: raw.replace(b"\ndata: ", b"\nid: 7\ndata: ", 1),  # a field the tracker ignores
+]
+
+
+@settings(max_examples=300)
 @given(st.data())
 def test_chunks_of_whole_events_skipped_unparsed_give_the_same_facts(data):
     """Envoy hands the observer one chunk per upstream read, usually whole events: such chunks
@@ -132,7 +141,9 @@ def test_chunks_of_whole_events_skipped_unparsed_give_the_same_facts(data):
     events = anthropic_sse.stream_events(reply(deltas))
     if data.draw(st.booleans()):  # cut before message_delta, or ended by an error event
         events = [e for e in events if e.name not in ("message_delta", "message_stop")]
-    encoded = [e.encode() for e in events]
+    # Z.AI's shape (`event: name` then one `data: ...` line) and the other spellings SSE allows.
+    shapes = data.draw(st.lists(st.sampled_from(SHAPES), min_size=len(events), max_size=len(events)))
+    encoded = [shape(e.encode()) for shape, e in zip(shapes, events)]
     if data.draw(st.booleans()):
         encoded.append(b'event: error\ndata: {"type":"error","error":{"type":"1302","message":"x"}}\n\n')
     groups = data.draw(st.lists(st.integers(1, 3), min_size=len(encoded), max_size=len(encoded)))
