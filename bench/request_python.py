@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/request_python.py                        # this checkout
     .venv/bin/python bench/request_python.py --before /tmp/before   # and another checkout, side by side
+    .venv/bin/python bench/request_python.py --phases [--before DIR] # where one request's Python goes
+    .venv/bin/python bench/request_python.py --in-flight 1000        # with 1,000 other requests admitted
 
 Drives the servicer's `Process` the way Envoy's streams do for one admitted request: the request
 filter's stream (request headers, answered with the key swap and the ticket; held open until the
@@ -55,16 +57,13 @@ async def _drain(answers: AsyncIterator[Any]) -> None:
         pass
 
 
-def measure(kind: str, number: int, repeat: int, only: str | None = None,
-            in_flight: int = 0) -> dict[str, float]:
-    """CPU µs per request for each response shape, with the `extproc` first on sys.path."""
+def _fixture() -> tuple[Any, Any, Any, bytes, list[bytes]]:
+    """(settings, headers(dict) -> HttpHeaders, the request headers message, the request body,
+    the response's events), with the usage log line going to /dev/null."""
     from envoy.config.core.v3 import base_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
     from extproc.config import Settings
-    from extproc.proxy.servicer import OBSERVER_METADATA, ExternalProcessor
-    from extproc.proxy.ticket import METADATA_NAMESPACE
-    from extproc.server import Service
     from extproc.telemetry import logs
 
     state = tempfile.mkdtemp(prefix="zai-bench-python-")
@@ -87,7 +86,19 @@ def measure(kind: str, number: int, repeat: int, only: str | None = None,
         "x-request-id": "0f3c9a52-5d1e-4b7a-9c2e-6a8b1d4e7f90"}))
     body = json.dumps({"model": MODEL, "max_tokens": 1024, "stream": True,
                        "messages": [{"role": "user", "content": "hello " * 40}]}).encode()
-    events = sse_events(16)
+    return settings, headers, request_headers, body, sse_events(16)
+
+
+def measure(kind: str, number: int, repeat: int, only: str | None = None,
+            in_flight: int = 0) -> dict[str, float]:
+    """CPU µs per request for each response shape, with the `extproc` first on sys.path."""
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from extproc.proxy.servicer import OBSERVER_METADATA, ExternalProcessor
+    from extproc.proxy.ticket import METADATA_NAMESPACE
+    from extproc.server import Service
+
+    settings, headers, request_headers, body, events = _fixture()
     shapes = {"response in 1 chunk": [b"".join(events)], "1 event per chunk": events}
     if only is not None:  # one shape (for a profiler's view of it)
         shapes = {name: chunks for name, chunks in shapes.items() if name == only}
@@ -151,6 +162,76 @@ def measure(kind: str, number: int, repeat: int, only: str | None = None,
     return uvloop.run(run())
 
 
+PHASES = ("request headers: key swap, admission, answer", "observer: ticket, claim",
+          "observer: request body copy", "observer: response headers", "observer: response body",
+          "observer: the record", "request filter: the end (slot, settle)")
+
+
+def measure_phases(number: int, repeat: int) -> dict[str, float]:
+    """CPU µs per request of each phase of one admitted request (the response in one chunk),
+    calling the session and the observation the way the servicer does, without gRPC."""
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from extproc.proxy.observation import Observation
+    from extproc.proxy.servicer import ExternalProcessor, header_map
+    from extproc.proxy.session import RequestSession
+    from extproc.proxy.ticket import METADATA_NAMESPACE
+    from extproc.server import Service
+
+    settings, headers, request_headers, body, events = _fixture()
+    response_headers = headers({":status": "200", "content-type": "text/event-stream",
+                                "cache-control": "no-cache"})
+    chunk, clock = b"".join(events), time.process_time
+
+    async def one(spent: list[float]) -> None:
+        start = clock()
+        session, answers = RequestSession(gateway, inline=False), []
+        async for answer in session.request_headers(header_map(request_headers.request_headers)):
+            answers.append(ExternalProcessor._headers_answer(session, answer))
+        marks = [start, clock()]
+        # Envoy's copy of the body, with the ticket forwarded: not the gateway's work.
+        copy = pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))
+        copy.metadata_context.filter_metadata[METADATA_NAMESPACE].CopyFrom(
+            answers[0].dynamic_metadata.fields[METADATA_NAMESPACE].struct_value)
+        marks.append(clock())
+        observation = Observation(gateway, ExternalProcessor._ticket_of(copy))
+        await observation.attach()
+        marks.append(clock())
+        observation.on_request_chunk(copy.request_body.body, True)
+        marks.append(clock())
+        observation.on_response_headers(header_map(response_headers), False)
+        marks.append(clock())
+        observation.on_response_body(chunk, True)
+        marks.append(clock())
+        await observation.end()
+        marks.append(clock())
+        await session.complete(completed=False)
+        marks.append(clock())
+        spent[0] += marks[1] - marks[0]
+        for i in range(1, len(PHASES)):  # marks[1] to marks[2] built the copy
+            spent[i] += marks[i + 2] - marks[i + 1]
+
+    async def run() -> dict[str, float]:
+        nonlocal gateway
+        service = Service(settings)
+        gateway = service.gateway
+        await service.limiter.start()
+        best = [float("inf")] * len(PHASES)
+        for _ in range(min(500, number)):
+            await one([0.0] * len(PHASES))
+        for _ in range(repeat):
+            spent = [0.0] * len(PHASES)
+            for _ in range(number):
+                await one(spent)
+            best = [min(b, s / number * 1e6) for b, s in zip(best, spent)]
+        await service.limiter.stop()
+        return dict(zip(PHASES, best)) | {"all of them": sum(best)}
+
+    gateway: Any = None
+    import uvloop
+    return uvloop.run(run())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", metavar="DIR", help="another checkout, timed side by side")
@@ -158,12 +239,21 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--in-flight", type=int, default=0, metavar="N",
                         help="N other requests admitted and open while measuring")
+    parser.add_argument("--phases", action="store_true",
+                        help="the gateway's Python per phase of one request (its parts, not its sum)")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, path = args.child
         sys.path.insert(0, path)
-        print(json.dumps(measure(kind, args.number, args.repeat, in_flight=args.in_flight)))
+        print(json.dumps(measure_phases(args.number, args.repeat) if kind == "phases" else
+                         measure(kind, args.number, args.repeat, in_flight=args.in_flight)))
+        return
+    if args.phases:
+        sides = {"gateway": ROOT} | ({"gateway, before": Path(args.before).resolve()} if args.before else {})
+        print_table("phase", "CPU µs per request", {
+            label: child([__file__, "--child", "phases", str(path)], args.number, args.repeat)
+            for label, path in sides.items()})
         return
     runs = {"pass-through": ("passthrough", ROOT), "gateway": ("gateway", ROOT)}
     if args.before:
