@@ -183,7 +183,7 @@ def measure_phases(number: int, repeat: int) -> dict[str, float]:
                                 "cache-control": "no-cache"})
     chunk, clock = b"".join(events), time.process_time
 
-    async def one(spent: list[float]) -> None:
+    async def one(gateway: Any, spent: list[float]) -> None:
         start = clock()
         session, answers = RequestSession(gateway, inline=False), []
         async for answer in session.request_headers(header_map(request_headers.request_headers)):
@@ -212,22 +212,19 @@ def measure_phases(number: int, repeat: int) -> dict[str, float]:
             spent[i] += marks[i + 2] - marks[i + 1]
 
     async def run() -> dict[str, float]:
-        nonlocal gateway
         service = Service(settings)
-        gateway = service.gateway
         await service.limiter.start()
         best = [float("inf")] * len(PHASES)
         for _ in range(min(500, number)):
-            await one([0.0] * len(PHASES))
+            await one(service.gateway, [0.0] * len(PHASES))
         for _ in range(repeat):
             spent = [0.0] * len(PHASES)
             for _ in range(number):
-                await one(spent)
+                await one(service.gateway, spent)
             best = [min(b, s / number * 1e6) for b, s in zip(best, spent)]
         await service.limiter.stop()
         return dict(zip(PHASES, best)) | {"all of them": sum(best)}
 
-    gateway: Any = None
     import uvloop
     return uvloop.run(run())
 

@@ -25,6 +25,11 @@ class SseEvent:
 def block_fields(block: bytes) -> tuple[bytes, list[bytes]]:
     """The `event` name and `data` lines of one event's lines (LF-separated, its blank line
     off). No `data`: the block dispatches nothing."""
+    if block.startswith(b"event: "):  # Z.AI's shape, `event: name` and one `data: ...` line:
+        line_end = block.find(b"\n")  # read by two searches, not the walk over the lines
+        if (line_end != -1 and block.startswith(b"data: ", line_end + 1)
+                and block.find(b"\n", line_end + 1) == -1):
+            return block[7:line_end], [block[line_end + 7:]]
     event = b""
     data: list[bytes] = []
     for line in block.split(b"\n"):

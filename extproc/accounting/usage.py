@@ -128,19 +128,6 @@ _MARKERS = (b"message_", b'"error"', b"event: error", b"event:error")
 _FIRST_TOKEN = b"content_block_delta"
 
 
-def _simple_event(chunk: bytes, start: int, end: int) -> tuple[bytes, bytes] | None:
-    """(name, data) of the event at chunk[start:end] when it is the shape Z.AI sends, one
-    `event: name` line and one `data: ...` line: what `block_fields` reads from it, without the
-    walk over its lines. None for any other shape (the walk takes it)."""
-    if not chunk.startswith(b"event: ", start):
-        return None
-    line_end = chunk.find(b"\n", start, end)
-    if line_end == -1 or not chunk.startswith(b"data: ", line_end + 1) or \
-            chunk.find(b"\n", line_end + 1, end) != -1:
-        return None
-    return chunk[start + 7:line_end], chunk[line_end + 7:end]
-
-
 def _marked_blocks(chunk: bytes, first_seen: bool) -> list[tuple[int, int]]:
     """The (start, end) of each event in `chunk` (whole events, LF only) that holds a marker, and
     of the first content delta while no first token was seen, in order: found by searching the
@@ -189,16 +176,11 @@ class AnthropicStream:
             return True
         # Every delta stays in the raw chunk, in order: the events parsed here keep none.
         self._deltas.keep((chunk,))
-        record = self._record
         for start, end in _marked_blocks(chunk, first_seen):
-            simple = _simple_event(chunk, start, end)
-            if simple is not None:
-                record(simple[0] or self._sniff(simple[1]), simple[1], now, False)
-                continue
             event, data = block_fields(chunk[start:end])
             if data:
                 joined = b"\n".join(data)
-                record(event or self._sniff(joined), joined, now, False)
+                self._record(event or self._sniff(joined), joined, now, False)
         return True
 
     def on_event(self, event: SseEvent, now: float, keep: bool = True) -> bool:

@@ -83,20 +83,10 @@ def _key_swap(changes: HeaderChanges) -> pb.ProcessingResponse:
 
 
 def admitted_answer(changes: HeaderChanges, ticket: Ticket | None) -> pb.ProcessingResponse:
-    """The key swap, with the ticket in the gateway's metadata namespace: what `with_metadata`
-    makes of `ticket.to_metadata()` (tested), without its walk over the values' types."""
+    """The key swap, with the ticket in the gateway's metadata namespace."""
     response = pb.ProcessingResponse()
     response.CopyFrom(_key_swap(changes))
-    if ticket is not None:
-        fields = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
-        fields["session"].string_value = ticket.session
-        fields["worker"].string_value = ticket.worker
-        fields["endpoint"].string_value = ticket.endpoint.value
-        fields["request_id"].string_value = ticket.request_id
-        fields["started"].number_value = ticket.started
-        if ticket.agent_session is not None:
-            fields["agent_session"].string_value = ticket.agent_session
-    return response
+    return with_metadata(response, ticket.to_metadata() if ticket is not None else None)
 
 
 def immediate(reply: ImmediateReply) -> pb.ProcessingResponse:
