@@ -119,7 +119,7 @@ class RequestRecord:
         self.body_seen = True
         if end_of_stream:
             self.response_ended = True
-        return response.feed(chunk, end_of_stream, self.gateway.clock())
+        return response.feed(chunk, end_of_stream, self.gateway.clock)
 
     # -- the record -----------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ def run(api, chunks, streaming=True, drop=False):
     body = ResponseBody(api, streaming, drop)
     delivered = []
     for i, chunk in enumerate(chunks):
-        out = body.feed(chunk, i == len(chunks) - 1, now=float(i))
+        out = body.feed(chunk, i == len(chunks) - 1, lambda i=i: float(i))
         delivered.append(chunk if out is None else out)
     return body, b"".join(delivered)
 
@@ -160,3 +160,32 @@ def test_chunks_of_whole_events_skipped_unparsed_give_the_same_facts(data):
     assert fast.facts == slow.facts
     assert fast.delivered_text() == slow.delivered_text() == "".join(
         e.text or "" for e in events if e.name == "content_block_delta")
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_chunks_after_the_first_token_are_gathered_and_give_the_same_facts(data):
+    """Past the first token the chunks are only gathered, and accounted together at the end,
+    when the facts are read (a cut stream), or past `gather_bytes`. Whatever the split, the
+    threshold and the moment of reading: the facts are those of the same bytes fed event by
+    event, and the clock is read only up to the chunk that held the first token."""
+    api = data.draw(st.sampled_from([Api.ANTHROPIC, Api.OPENAI]))
+    r, body = data.draw(anthropic_stream() if api is Api.ANTHROPIC else openai_stream())
+    chunks = data.draw(splits(body))
+    cut = data.draw(st.integers(1, len(chunks)))  # chunks seen before the facts are read
+    gathered = ResponseBody(api, True, gather_bytes=data.draw(st.integers(1, 400)))
+    reads: list[int] = []
+    for i, chunk in enumerate(chunks[:cut]):
+        def clock(i: int = i) -> float:
+            reads.append(i)
+            return float(i)
+        assert gathered.feed(chunk, i == len(chunks) - 1, clock) is None
+    slow = ResponseBody(api, True)
+    for i, chunk in enumerate(chunks[:cut]):  # the parser alone, event by event
+        for event in slow._parser.feed(chunk, i == len(chunks) - 1):
+            slow._stream.on_event(event, float(i))
+    facts = gathered.facts
+    assert facts == slow.facts
+    assert gathered.delivered_text() == slow.delivered_text()
+    first = facts.first_token_at
+    assert reads == list(range(cut if first is None else int(first) + 1))
