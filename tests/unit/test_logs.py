@@ -51,3 +51,44 @@ def test_usage_lines_keep_order_and_never_show_a_secret(tmp_path: Path, root_han
     assert SECRET not in raw
     if backed_by_file:
         stream.close()
+
+
+def test_usage_lines_of_one_loop_turn_go_out_in_one_write(tmp_path: Path, root_handlers: None,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an event loop the usage lines wait for the end of the loop's turn and go out in one
+    `write`; any other line writes them first, and what is left at the end is flushed."""
+    import asyncio
+    import os
+
+    logs.setup("extproc", "INFO", lambda: [SECRET])
+    path = tmp_path / "log.jsonl"
+    stream = open(path, "w", encoding="utf-8")
+    logging.getLogger().handlers[0].setStream(stream)  # type: ignore[attr-defined]
+    log = logging.getLogger("extproc.test")
+    writes: list[bytes] = []
+    real_write = os.write
+
+    def counted(fd: int, data: bytes) -> int:
+        writes.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(logs.os, "write", counted)
+
+    async def turns() -> None:
+        for n in range(3):
+            logs.info_line(log, "Token usage", {"n": n, "key": SECRET})
+        assert path.read_text(encoding="utf-8") == ""  # waiting for the turn to end
+        await asyncio.sleep(0)
+        log.info("between")
+        logs.info_line(log, "Token usage", {"n": 3})
+        log.warning("last")  # goes out after the line before it
+        logs.info_line(log, "Token usage", {"n": 4})  # the loop may end before its turn does
+
+    asyncio.run(turns())
+    logs.flush_lines()  # what the process does at exit
+    stream.flush()
+    docs = _lines(None, path)
+    assert [d.get("n", d["message"]) for d in docs] == [0, 1, 2, "between", 3, "last", 4]
+    assert writes[0].count(b"\n") == 3 and len(writes) == 3
+    assert SECRET not in path.read_text(encoding="utf-8")
+    stream.close()
