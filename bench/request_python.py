@@ -4,6 +4,7 @@
     .venv/bin/python bench/request_python.py --before /tmp/before   # and another checkout, side by side
     .venv/bin/python bench/request_python.py --phases [--before DIR] # where one request's Python goes
     .venv/bin/python bench/request_python.py --in-flight 1000        # with 1,000 other requests admitted
+    .venv/bin/python bench/request_python.py --concurrent 64 --cold 8000000   # as under load
 
 Drives the servicer's `Process` the way Envoy's streams do for one admitted request: the request
 filter's stream (request headers, answered with the key swap and the ticket; held open until the
@@ -14,6 +15,12 @@ production one (`Service`, the in-process limiter store, metrics, the usage log 
 baseline; the difference is the gateway's own Python. Two shapes: the response in one chunk (as
 `sat_short` in bench/gateway.py hands it over) and one event per chunk (as `ttft64`). Prints CPU µs
 per request, best of --repeat rounds of --number requests, each checkout in a process of its own.
+
+Under load the process handles other requests' messages between two of one request's, and its
+caches hold little of that request's code and data by then. `--concurrent N` runs N requests at
+once, their messages interleaved one by one; `--cold BYTES` writes over that many bytes of memory
+before every message, as the traffic of other requests and processes does (8 MB: past the CPU's
+L2 and much of its L3). Both cost the pass-through too; the difference stays the gateway's.
 """
 
 from __future__ import annotations
@@ -45,8 +52,27 @@ class _Context:
         return self._metadata
 
 
-async def _stream(messages: list[Any], hold: asyncio.Event | None = None) -> AsyncIterator[Any]:
+class _Traffic:
+    """What happens between two messages of one stream: other streams' turns (`interleave`) and
+    other work through the caches (`cold` bytes written over)."""
+
+    def __init__(self, interleave: bool = False, cold: int = 0) -> None:
+        self.interleave = interleave
+        self._memory = bytearray(cold)
+        self._fill = b"x" * len(range(0, cold, 64))  # a byte per 64-byte cache line
+
+    async def between(self) -> None:
+        if self._fill:
+            self._memory[::64] = self._fill
+        if self.interleave:
+            await asyncio.sleep(0)
+
+
+async def _stream(messages: list[Any], hold: asyncio.Event | None = None,
+                  traffic: _Traffic | None = None) -> AsyncIterator[Any]:
     for message in messages:
+        if traffic is not None:
+            await traffic.between()
         yield message
     if hold is not None:  # the request filter's stream stays open until the request ends
         await hold.wait()
@@ -90,7 +116,7 @@ def _fixture() -> tuple[Any, Any, Any, bytes, list[bytes]]:
 
 
 def measure(kind: str, number: int, repeat: int, only: str | None = None,
-            in_flight: int = 0) -> dict[str, float]:
+            in_flight: int = 0, concurrent: int = 1, cold: int = 0) -> dict[str, float]:
     """CPU µs per request for each response shape, with the `extproc` first on sys.path."""
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
@@ -102,6 +128,8 @@ def measure(kind: str, number: int, repeat: int, only: str | None = None,
     shapes = {"response in 1 chunk": [b"".join(events)], "1 event per chunk": events}
     if only is not None:  # one shape (for a profiler's view of it)
         shapes = {name: chunks for name, chunks in shapes.items() if name == only}
+
+    traffic = _Traffic(concurrent > 1, cold) if concurrent > 1 or cold else None
 
     async def run() -> dict[str, float]:
         service = Service(settings)
@@ -116,7 +144,8 @@ def measure(kind: str, number: int, repeat: int, only: str | None = None,
             ended, answers = asyncio.Event(), []
 
             async def request_filter() -> None:
-                async for answer in servicer.Process(_stream([request_headers], ended), _Context(())):
+                async for answer in servicer.Process(_stream([request_headers], ended, traffic),
+                                                     _Context(())):
                     answers.append(answer)
 
             task = asyncio.ensure_future(request_filter())
@@ -131,7 +160,7 @@ def measure(kind: str, number: int, repeat: int, only: str | None = None,
             for message in observed:  # Envoy forwards the ticket with every observer message
                 if ticket is not None:
                     message.metadata_context.filter_metadata[METADATA_NAMESPACE].CopyFrom(ticket.struct_value)
-            async for _ in servicer.Process(_stream(observed), _Context((OBSERVER_METADATA,))):
+            async for _ in servicer.Process(_stream(observed, None, traffic), _Context((OBSERVER_METADATA,))):
                 pass
             ended.set()
             await task
@@ -143,15 +172,16 @@ def measure(kind: str, number: int, repeat: int, only: str | None = None,
                   for _ in range(in_flight)]
         await asyncio.sleep(0)
         result = {}
+        waves = max(1, number // concurrent)
         for name, chunks in shapes.items():
-            for _ in range(min(500, number)):  # warm: caches, label children, the key swap
-                await one(chunks)
+            for _ in range(max(1, min(500, number) // concurrent)):  # warm: label children, the key swap
+                await asyncio.gather(*(one(chunks) for _ in range(concurrent)))
             best = float("inf")
             for _ in range(repeat):
                 start = time.process_time()
-                for _ in range(number):
-                    await one(chunks)
-                best = min(best, (time.process_time() - start) / number * 1e6)
+                for _ in range(waves):
+                    await asyncio.gather(*(one(chunks) for _ in range(concurrent)))
+                best = min(best, (time.process_time() - start) / (waves * concurrent) * 1e6)
             result[name] = best
         held.set()
         await asyncio.gather(*others)
@@ -236,6 +266,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--in-flight", type=int, default=0, metavar="N",
                         help="N other requests admitted and open while measuring")
+    parser.add_argument("--concurrent", type=int, default=1, metavar="N",
+                        help="N requests at once, their messages interleaved one by one")
+    parser.add_argument("--cold", type=int, default=0, metavar="BYTES",
+                        help="write over BYTES of memory before every message (caches gone cold)")
     parser.add_argument("--phases", action="store_true",
                         help="the gateway's Python per phase of one request (its parts, not its sum)")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
@@ -244,7 +278,8 @@ def main() -> None:
         kind, path = args.child
         sys.path.insert(0, path)
         print(json.dumps(measure_phases(args.number, args.repeat) if kind == "phases" else
-                         measure(kind, args.number, args.repeat, in_flight=args.in_flight)))
+                         measure(kind, args.number, args.repeat, in_flight=args.in_flight,
+                                 concurrent=args.concurrent, cold=args.cold)))
         return
     if args.phases:
         sides = {"gateway": ROOT} | ({"gateway, before": Path(args.before).resolve()} if args.before else {})
@@ -255,7 +290,8 @@ def main() -> None:
     runs = {"pass-through": ("passthrough", ROOT), "gateway": ("gateway", ROOT)}
     if args.before:
         runs["gateway, before"] = ("gateway", Path(args.before).resolve())
-    results = {label: child([__file__, "--child", kind, str(path), "--in-flight", str(args.in_flight)],
+    results = {label: child([__file__, "--child", kind, str(path), "--in-flight", str(args.in_flight),
+                             "--concurrent", str(args.concurrent), "--cold", str(args.cold)],
                             args.number, args.repeat)
                for label, (kind, path) in runs.items()}
     print_table("response", "CPU µs per request", results)
