@@ -80,6 +80,7 @@ _handler: _LineHandler | None = None
 # Usage lines of the current event-loop turn, written together when it ends: one `write` for
 # every request that finished in the turn (a system call per line cost as much as the line).
 _waiting: list[bytes] = []
+_flush_on: asyncio.AbstractEventLoop | None = None  # the loop whose turn's end writes them
 
 
 def info_line(logger: logging.Logger, message: str, fields: Mapping[str, object]) -> None:
@@ -96,18 +97,24 @@ def info_line(logger: logging.Logger, message: str, fields: Mapping[str, object]
     formatter = handler.formatter
     assert isinstance(formatter, JsonFormatter)
     data = formatter.line_bytes(time.time(), "info", logger.name, message, fields) + b"\n"
-    if not _waiting:
-        try:
-            asyncio.get_running_loop().call_soon(flush_lines)
-        except RuntimeError:  # no event loop in this thread: nothing to wait for
-            with handler.lock:
-                _write(handler, data)
-            return
+    global _flush_on
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no event loop in this thread: nothing to wait for
+        flush_lines()
+        with handler.lock:
+            _write(handler, data)
+        return
+    if _flush_on is not loop:  # the turn's first line (or lines a stopped loop left behind)
+        _flush_on = loop
+        loop.call_soon(flush_lines)
     _waiting.append(data)
 
 
 def flush_lines() -> None:
     """Write the usage lines waiting for the end of their loop turn (also at exit)."""
+    global _flush_on
+    _flush_on = None
     handler = _handler
     if not _waiting or handler is None:
         return

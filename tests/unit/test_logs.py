@@ -75,20 +75,28 @@ def test_usage_lines_of_one_loop_turn_go_out_in_one_write(tmp_path: Path, root_h
     monkeypatch.setattr(logs.os, "write", counted)
 
     async def turns() -> None:
+        size = path.stat().st_size
         for n in range(3):
             logs.info_line(log, "Token usage", {"n": n, "key": SECRET})
-        assert path.read_text(encoding="utf-8") == ""  # waiting for the turn to end
+        assert path.stat().st_size == size  # waiting for the turn to end
         await asyncio.sleep(0)
+        assert path.stat().st_size > size  # the turn ended: written
         log.info("between")
         logs.info_line(log, "Token usage", {"n": 3})
         log.warning("last")  # goes out after the line before it
-        logs.info_line(log, "Token usage", {"n": 4})  # the loop may end before its turn does
+        logs.info_line(log, "Token usage", {"n": 4})  # the loop may stop before its turn ends
 
     asyncio.run(turns())
-    logs.flush_lines()  # what the process does at exit
+    stranded = asyncio.new_event_loop()  # stops in the turn that wrote a line
+    stranded.call_soon(lambda: (logs.info_line(log, "Token usage", {"n": 9}), stranded.stop()))
+    stranded.run_forever()
+    stranded.close()
+    asyncio.run(turns())  # the next loop's first turn writes the stranded line with its own
+    logs.info_line(log, "Token usage", {"n": 5})  # off a loop: at once
     stream.flush()
     docs = _lines(None, path)
-    assert [d.get("n", d["message"]) for d in docs] == [0, 1, 2, "between", 3, "last", 4]
-    assert writes[0].count(b"\n") == 3 and len(writes) == 3
+    assert [d.get("n", d["message"]) for d in docs] == [0, 1, 2, "between", 3, "last", 4, 9,
+                                                         0, 1, 2, "between", 3, "last", 4, 5]
+    assert [w.count(b"\n") for w in writes] == [3, 1, 1, 4, 1, 1, 1]
     assert SECRET not in path.read_text(encoding="utf-8")
     stream.close()
