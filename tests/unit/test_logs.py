@@ -56,7 +56,8 @@ def test_usage_lines_keep_order_and_never_show_a_secret(tmp_path: Path, root_han
 def test_usage_lines_of_one_loop_turn_go_out_in_one_write(tmp_path: Path, root_handlers: None,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """On an event loop the usage lines wait for the end of the loop's turn and go out in one
-    `write`; any other line writes them first, and what is left at the end is flushed."""
+    `write`; any other line writes them first; a loop that stops mid-turn leaves its lines to
+    the next loop's turn, or to the next line written off a loop (or to the exit)."""
     import asyncio
     import os
 
@@ -84,7 +85,7 @@ def test_usage_lines_of_one_loop_turn_go_out_in_one_write(tmp_path: Path, root_h
         log.info("between")
         logs.info_line(log, "Token usage", {"n": 3})
         log.warning("last")  # goes out after the line before it
-        logs.info_line(log, "Token usage", {"n": 4})  # the loop may stop before its turn ends
+        logs.info_line(log, "Token usage", {"n": 4})
 
     asyncio.run(turns())
     stranded = asyncio.new_event_loop()  # stops in the turn that wrote a line
