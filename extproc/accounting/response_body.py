@@ -80,7 +80,7 @@ class ResponseBody:
         """The gathered chunks as one: SSE parsing does not depend on where chunks split, and
         past the first token no event needs its time."""
         gathered = self._gathered
-        if not gathered and not end_of_stream:
+        if not gathered:  # none, or none since the last time
             return
         chunk = b"".join(gathered) if len(gathered) != 1 else gathered[0]
         gathered.clear()
@@ -97,13 +97,11 @@ class ResponseBody:
 
     @property
     def facts(self) -> ResponseFacts:
-        if self._gathered:  # a stream read before its end (the client left, or Envoy closed it)
-            self._account_gathered(False)
+        self._account_gathered(False)  # read before its end: the client left, or Envoy closed it
         if not self.streaming:
             return self._json_facts or ResponseFacts()
         return self._stream.facts
 
     def delivered_text(self) -> str:
-        if self._gathered:
-            self._account_gathered(False)
+        self._account_gathered(False)
         return self._stream.delivered_text() if self.streaming else self._json_text

@@ -169,14 +169,9 @@ class AnthropicStream:
         is kept raw for the fallback estimate. False: the parser must take the chunk."""
         if not chunk.endswith(b"\n\n") or parser.pending() or b"\r" in chunk:
             return False
-        first_seen = self.facts.first_token_at is not None
-        if first_seen and not (b"message_" in chunk or b'"error"' in chunk  # _MARKERS, inlined
-                               or b"event: error" in chunk or b"event:error" in chunk):
-            self._deltas.keep((chunk,))  # the hot path of a long stream: one delta per chunk
-            return True
         # Every delta stays in the raw chunk, in order: the events parsed here keep none.
         self._deltas.keep((chunk,))
-        for start, end in _marked_blocks(chunk, first_seen):
+        for start, end in _marked_blocks(chunk, self.facts.first_token_at is not None):
             event, data = block_fields(chunk[start:end])
             if data:
                 joined = b"\n".join(data)
