@@ -97,18 +97,16 @@ def info_line(logger: logging.Logger, message: str, fields: Mapping[str, object]
     formatter = handler.formatter
     assert isinstance(formatter, JsonFormatter)
     data = formatter.line_bytes(time.time(), "info", logger.name, message, fields) + b"\n"
+    _waiting.append(data)
     global _flush_on
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # no event loop in this thread: nothing to wait for
         flush_lines()
-        with handler.lock:
-            _write(handler, data)
         return
     if _flush_on is not loop:  # the turn's first line (or lines a stopped loop left behind)
         _flush_on = loop
         loop.call_soon(flush_lines)
-    _waiting.append(data)
 
 
 def flush_lines() -> None:
