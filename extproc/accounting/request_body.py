@@ -39,6 +39,7 @@ import asyncio
 import concurrent.futures
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import orjson
 
@@ -124,9 +125,9 @@ _MODEL_FIRST = re.compile(
     rb'\s*"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
-@dataclass(frozen=True, slots=True)
-class RequestPeek:
-    """What a record needs of a request body when the response reported its usage."""
+class RequestPeek(NamedTuple):
+    """What a record needs of a request body when the response reported its usage (a named
+    tuple: one is built for nearly every request)."""
 
     model: str | None
     agent_session: str | None

@@ -1,19 +1,18 @@
 """What a request's session answers Envoy, in plain terms; the gRPC edge (`servicer.py`) turns each
-into its protobuf message."""
+into its protobuf message. Named tuples: immutable values, and one is built for every request
+(a frozen dataclass's `__init__` costs ~8x more)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class HeaderChanges:
+class HeaderChanges(NamedTuple):
     set: tuple[tuple[str, str], ...] = ()
     remove: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class ImmediateReply:
+class ImmediateReply(NamedTuple):
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
@@ -22,16 +21,14 @@ class ImmediateReply:
     details: str = "zai_proxy"
 
 
-@dataclass(frozen=True)
-class BodyChange:
+class BodyChange(NamedTuple):
     """A replaced request body, and the header changes that go with it."""
 
     body: bytes
     headers: HeaderChanges
 
 
-@dataclass(frozen=True)
-class Hold:
+class Hold(NamedTuple):
     """Admission will keep the request waiting up to `seconds`: Envoy must be told to wait for the
     answer that long (its message timeout) before the wait begins."""
 

@@ -64,7 +64,7 @@ def encode(message: Message) -> bytes:
         outcome = dict(message.outcome.__dict__)
         outcome["endpoint"] = message.outcome.endpoint.value
         if message.outcome.tokens is not None:
-            outcome["tokens"] = dict(message.outcome.tokens.__dict__)
+            outcome["tokens"] = message.outcome.tokens._asdict()
         fields["o"] = outcome
     return orjson.dumps(fields)
 

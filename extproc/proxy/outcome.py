@@ -4,14 +4,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from extproc.api import Endpoint
 
 
-@dataclass(frozen=True)
-class Tokens:
-    """Final token counts of a request, and which of them are estimates."""
+class Tokens(NamedTuple):
+    """Final token counts of a request, and which of them are estimates. A named tuple: one is
+    built for every request (a frozen dataclass's `__init__` costs ~8x more)."""
 
     input: int = 0
     output: int = 0

@@ -34,7 +34,7 @@ def with_usage_requested(body: bytes) -> bytes:
     return set_member(body, ("stream_options", "include_usage"), b"true")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class RequestRecord:
     gateway: Gateway
     endpoint: Endpoint

@@ -163,8 +163,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     else:
                         yield await self._response_body(session, replacement, body.end_of_stream)
                 elif phase == "request_headers":
-                    async for answer in session.request_headers(header_map(request.request_headers)):
-                        yield self._headers_answer(session, answer)
+                    answer = await session.request_headers(header_map(request.request_headers))
+                    if isinstance(answer, Hold):  # Envoy waits longer, then the request waits
+                        yield extend_timeout(answer.seconds)
+                        answer = await session.admit_held()
+                    yield self._headers_answer(session, answer)
+                    if isinstance(answer, ImmediateReply):  # answered here: the request is over
+                        await session.complete(completed=True)
                 elif phase == "request_body":
                     body = request.request_body
                     change = await session.on_request_body(body.body, body.end_of_stream)
@@ -288,9 +293,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 
     @staticmethod
     def _headers_answer(session: RequestSession,
-                        answer: HeaderChanges | ImmediateReply | Hold) -> pb.ProcessingResponse:
-        if isinstance(answer, Hold):
-            return extend_timeout(answer.seconds)
+                        answer: HeaderChanges | ImmediateReply) -> pb.ProcessingResponse:
         if isinstance(answer, ImmediateReply):
             return immediate(answer)
         return admitted_answer(answer, session.ticket)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -67,7 +66,7 @@ def client_token(headers: Mapping[str, str]) -> str | None:
     return None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class RequestSession:
     """One HTTP request on the request filter's stream. `inline`: its bodies pass this stream
     (the route says so); otherwise they go to the observer stream as copies."""
@@ -80,6 +79,7 @@ class RequestSession:
     ticket: Ticket | None = None  # set once admitted: the request goes upstream
     permit: Permit | None = None
     _headers_seen_at: float | None = None
+    _held: HeaderChanges | None = None  # the key swap of a request waiting for admission
     _done: bool = False
 
     @property
@@ -130,36 +130,46 @@ class RequestSession:
         record.went_upstream = True
         return self._auth_changes(headers, key)
 
-    async def request_headers(self, headers: Mapping[str, str]) -> AsyncIterator[HeaderChanges | ImmediateReply | Hold]:
-        """The request-headers phase: the key swap, then admission to the account's limits (the
-        request waits here, before anything goes upstream, until the account has room). Yields
-        `Hold` before any wait (Envoy must extend its message timeout first), then the answer."""
+    async def request_headers(self, headers: Mapping[str, str]) -> HeaderChanges | ImmediateReply | Hold:
+        """The request-headers phase: the key swap, then admission to the account's limits. The
+        answer, or `Hold` when the request must wait for room on the account (Envoy must extend
+        its message timeout first; then `admit_held` waits and gives the answer). A coroutine,
+        not an async generator: every request passes here, and one of those costs a hook call
+        and a weak reference per request."""
         answer = self.on_request_headers(headers)
-        if isinstance(answer, HeaderChanges):
-            limiter = self._limiter()
-            if limiter is not None:
-                rejection: ImmediateReply | None = None
-                try:
-                    self.permit = await limiter.try_admit(
-                        self.worker, priority=self.gateway.worker_keys.is_priority(self.worker))
-                    if self.permit is None:
-                        yield Hold(limiter.settings.max_wait)
-                        self.permit = await limiter.admit_waiting(self.worker)
-                except Rejected as refused:
-                    rejection = self._rejected(refused)
-                if rejection is not None:
-                    answer = rejection
-        if isinstance(answer, HeaderChanges):
-            # Admitted: from here on the request may reach an observer stream, which takes this.
-            assert self.record is not None
-            self.ticket = Ticket(self.session_id, self.worker, self.endpoint,
-                                 self.record.request_id, self.record.started,
-                                 self.record.agent_session)
-            if self.permit is not None:
-                self.gateway.admitted[self.session_id] = self.upstream_answered
-        yield answer
-        if isinstance(answer, ImmediateReply):
-            await self.complete(completed=True)
+        if not isinstance(answer, HeaderChanges):
+            return answer
+        limiter = self._limiter()
+        if limiter is not None:
+            try:
+                self.permit = await limiter.try_admit(
+                    self.worker, priority=self.gateway.worker_keys.is_priority(self.worker))
+            except Rejected as refused:
+                return self._rejected(refused)
+            if self.permit is None:
+                self._held = answer
+                return Hold(limiter.settings.max_wait)
+        return self._admitted(answer)
+
+    async def admit_held(self) -> HeaderChanges | ImmediateReply:
+        """The answer to a request `request_headers` held: after its wait in the fair queue."""
+        limiter, answer = self.gateway.limiter, self._held
+        assert limiter is not None and answer is not None
+        try:
+            self.permit = await limiter.admit_waiting(self.worker)
+        except Rejected as refused:
+            return self._rejected(refused)
+        return self._admitted(answer)
+
+    def _admitted(self, answer: HeaderChanges) -> HeaderChanges:
+        """From here on the request may reach an observer stream, which takes the ticket."""
+        record = self.record
+        assert record is not None
+        self.ticket = Ticket(self.session_id, record.worker, record.endpoint, record.request_id,
+                             record.started, record.agent_session)
+        if self.permit is not None:
+            self.gateway.admitted[self.session_id] = self.upstream_answered
+        return answer
 
     def _limiter(self) -> AccountLimiter | None:
         """The limiter, when this request goes through it (count_tokens costs the account nothing)."""

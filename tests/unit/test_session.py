@@ -229,3 +229,39 @@ async def test_inline_stream_reset_right_after_its_headers_is_envoys_502_but_a_l
     await left.complete(completed=False)
     statuses = {o.request_id: (o.status, o.completed) for o in gw.recorder.outcomes}
     assert statuses == {"reset": (502, False), "left": (200, False)}
+
+
+async def test_a_request_without_room_is_held_then_admitted_when_a_slot_frees():
+    """The request-headers phase answers at once when the account has room; otherwise it says
+    `Hold` (Envoy must wait longer) and `admit_held` gives the answer once a slot is back."""
+    import asyncio
+
+    from extproc.limiter.account import AccountLimiter, LimiterSettings
+    from extproc.limiter.stores.local import LocalStore
+    from extproc.proxy.answers import Hold
+
+    settings = LimiterSettings(initial=1, minimum=1, maximum=1, rate_initial=6000, rate_minimum=12,
+                               rate_maximum=6000, max_wait=5, max_queue=4, lease_ttl=60,
+                               probe_interval=15, state_file=None, budgets={})
+    gw = gateway()
+    gw.limiter = AccountLimiter("acct", settings, LocalStore())
+    gw.observer_grace = 0.0  # no observer stream here: each request records itself at once
+    headers = {":path": "/v1/messages", "x-api-key": "w", "x-request-id": "r"}
+    first, second = RequestSession(gw, inline=False), RequestSession(gw, inline=False)
+
+    assert isinstance(await first.request_headers(headers), HeaderChanges)
+    assert first.ticket is not None and first.permit is not None
+    held = await second.request_headers(headers)
+    assert held == Hold(5)
+    assert second.ticket is None and second.permit is None  # not admitted: no ticket yet
+
+    waiting = asyncio.ensure_future(second.admit_held())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()  # still queued behind the one slot
+    await first.complete(completed=False)  # the first request ends: its slot comes back
+    answer = await asyncio.wait_for(waiting, 5)
+    assert isinstance(answer, HeaderChanges) and answer.set[0] == ("x-api-key", KEY)
+    assert second.ticket is not None and second.permit is not None
+    assert gw.admitted.keys() == {second.session_id}
+    await second.complete(completed=False)
+    assert gw.limiter.admission.in_flight == 0
