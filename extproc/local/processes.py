@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import shutil
 import signal
 import socket
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable, Mapping
@@ -48,24 +50,53 @@ class FileSink:
 
 
 # Ports free_port handed out lately, oldest first: callers take several (a stack's listeners and
-# admin ports) before any child binds one, and the kernel may offer a just-closed port again.
+# admin ports) before any child binds one.
 _HANDED_OUT: dict[int, None] = {}
 _HANDED_OUT_KEPT = 1024
+_POOL_SIZE = 12_000
+_RNG = random.Random()
 
 
-def free_port() -> int:
-    """A loopback port free right now (the caller's child binds it soon after), and not one this
-    process handed out among the last ~1,000."""
-    for _ in range(64):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel picks by itself (for an outgoing connection or a bind to 0)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(rng: random.Random = _RNG) -> int:
+    """A loopback port free right now, which its caller's child binds soon after.
+
+    It is drawn below the kernel's ephemeral range: a port from bind(0) could be taken, before the
+    child binds it, by any outgoing connection on the host (a test's client, Envoy's upstream
+    pool), and the child would die with "address already in use". Not one of this process's last
+    ~1,000 either."""
+    top = _ephemeral_floor()
+    bottom = max(1024, top - _POOL_SIZE)
+    for _ in range(256):
+        port = rng.randrange(bottom, top) if top - bottom >= 2048 else _kernel_port()
+        if port not in _HANDED_OUT and _bindable(port):
             break
     _HANDED_OUT[port] = None
     if len(_HANDED_OUT) > _HANDED_OUT_KEPT:
         del _HANDED_OUT[next(iter(_HANDED_OUT))]
     return port
+
+
+def _kernel_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def envoy_binary() -> str:
@@ -86,6 +117,7 @@ class Child:
     process: asyncio.subprocess.Process
     pumps: list[asyncio.Task[None]] = field(default_factory=list)
     first_line: asyncio.Future[str] | None = None
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=8))  # its last lines, for errors
 
     @property
     def pid(self) -> int:
@@ -136,6 +168,7 @@ class ProcessGroup:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             if first is not None and not first.done():
                 first.set_result(line)
+            child.tail.append(line)
             self.sink(child.name, line)
         if first is not None and not first.done():
             first.set_exception(RuntimeError(f"{child.name} exited before saying where it listens"))
@@ -184,7 +217,7 @@ async def wait_http_ok(url: str, timeout: float, *children: Child) -> None:
         while time.monotonic() < deadline:
             for child in children:
                 if child.process.returncode is not None:
-                    raise RuntimeError(f"{child.name} exited with code {child.process.returncode}")
+                    raise RuntimeError(await _exit_report(child))
             try:
                 async with session.get(url) as resp:
                     if resp.status == 200:
@@ -194,6 +227,14 @@ async def wait_http_ok(url: str, timeout: float, *children: Child) -> None:
                 last_error = exc.__class__.__name__
             await asyncio.sleep(0.1)
     raise TimeoutError(f"{url} not ready after {timeout:.0f}s ({last_error})")
+
+
+async def _exit_report(child: Child) -> str:
+    """Why `child` is gone: its exit code and, once its pipes are drained, its last lines."""
+    if child.pumps:
+        await asyncio.wait(child.pumps, timeout=2)
+    report = f"{child.name} exited with code {child.process.returncode}"
+    return report + "".join(f"\n  {line}" for line in child.tail)
 
 
 async def listening_port(child: Child, timeout: float = 20.0) -> int:

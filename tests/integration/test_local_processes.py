@@ -3,12 +3,14 @@ depends on dies, instead of polling until the timeout."""
 
 from __future__ import annotations
 
+import random
+import socket
 import sys
 import time
 
 import pytest
 
-from extproc.local.processes import ProcessGroup, child_env, free_port, wait_http_ok
+from extproc.local.processes import _POOL_SIZE, ProcessGroup, _ephemeral_floor, child_env, free_port, wait_http_ok
 
 
 async def test_waiting_for_readiness_fails_fast_when_any_watched_child_dies():
@@ -28,3 +30,33 @@ async def test_waiting_for_readiness_fails_fast_when_any_watched_child_dies():
 def test_free_ports_taken_one_after_another_are_distinct():
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)
+
+
+def test_free_ports_lie_below_the_range_the_kernel_hands_to_outgoing_connections():
+    # An outgoing connection on the host can't take such a port before the child binds it.
+    floor = _ephemeral_floor()
+    assert all(1024 <= free_port() < floor for _ in range(100))
+
+
+def test_a_free_port_skips_one_that_is_taken():
+    seed = 16
+    first = random.Random(seed).randrange(max(1024, _ephemeral_floor() - _POOL_SIZE), _ephemeral_floor())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", first))
+        taken.listen()
+        port = free_port(random.Random(seed))
+    assert port != first
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+async def test_a_child_that_dies_while_awaited_is_reported_with_its_last_lines():
+    group = ProcessGroup(sink=lambda name, line: None)
+    try:
+        dying = await group.start("dying", [sys.executable, "-c",
+                                            "import sys; print('address already in use', file=sys.stderr); "
+                                            "raise SystemExit(1)"], child_env())
+        with pytest.raises(RuntimeError, match="dying exited with code 1\n  address already in use"):
+            await wait_http_ok(f"http://127.0.0.1:{free_port()}/health", 20, dying)
+    finally:
+        await group.stop_all(timeout=2)
