@@ -19,6 +19,9 @@ set-ups, which run side by side, each with its own ports:
                observer process taking the observer's copies on EXTPROC_OBSERVER_PORT; its ext_proc
                CPU and RSS are both processes' (the admission process and its children).
 
+With `--redis`, a redis-server is started too and every gateway set-up keeps the limiter's state
+there (REDIS_URL, a database each), as replicas sharing one account do; its CPU is not counted.
+
 The floor and pass-through clients send `x-api-key: <emulator key>` themselves (nothing swaps it);
 gateway clients send `Authorization: Bearer <worker token>` like Claude Code. For every scenario the
 emulator is reconfigured (POST /_emulator/config) and the three set-ups get identical load one
@@ -45,6 +48,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -169,13 +173,39 @@ def base_env(run_dir: Path, name: str, emulator: Emulator) -> dict[str, str]:
     return env
 
 
+async def start_redis(group: ProcessGroup, run_dir: Path) -> int:
+    """A redis-server on a free loopback port, without persistence (`--redis`); its port."""
+    port = free_port()
+    child = await group.start("redis", [shutil.which("redis-server") or "/usr/bin/redis-server",
+                                        "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                        "--appendonly", "no", "--dir", str(run_dir)],
+                              os.environ, log_file=run_dir / "redis.log")
+    for _ in range(100):
+        if child.process.returncode is not None:
+            raise RuntimeError(f"redis-server exited with code {child.process.returncode}")
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"PING\r\n")
+            pong = await reader.readline()
+            writer.close()
+            if pong.startswith(b"+PONG"):
+                return port
+        except OSError:
+            pass
+        await asyncio.sleep(0.1)
+    raise TimeoutError("redis-server did not answer")
+
+
 async def start_setups(group: ProcessGroup, run_dir: Path, emulator: Emulator,
-                       names: list[str]) -> dict[str, Setup]:
+                       names: list[str], redis_port: int | None = None) -> dict[str, Setup]:
     setups: dict[str, Setup] = {}
-    for name in SETUPS:
+    for index, name in enumerate(SETUPS):
         if name not in names and name != "floor":  # the floor is every comparison's base
             continue
         env = base_env(run_dir, name, emulator)
+        if redis_port is not None and name.startswith("gateway"):
+            # The limiter's state in Redis, as with several replicas; a database per set-up.
+            env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/{index}"
         if name.endswith("_inline"):
             env["RESPONSE_PROCESSING"] = "inline"
         if name == "gateway_2proc":
@@ -631,7 +661,8 @@ async def main_async(args: argparse.Namespace) -> int:
     try:
         emu = await start_emulator(group, os.environ, EMULATOR_ARGS)
         emulator, emu_port = emu.child, emu.port
-        setups = await start_setups(group, run_dir, emu, args.setups)
+        redis_port = await start_redis(group, run_dir) if args.redis else None
+        setups = await start_setups(group, run_dir, emu, args.setups, redis_port)
         print(f"# run dir {run_dir}; pids: " + ", ".join(f"{c.name}={c.pid}" for c in group.children), flush=True)
         for sc in scenarios:
             max_requests, max_seconds = sc.quick if args.quick else sc.full
@@ -713,6 +744,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure each point this many times, set-ups interleaved (every other "
                              "round in reverse order); tables show each field's median")
+    parser.add_argument("--redis", action="store_true",
+                        help="start a redis-server and give every gateway set-up REDIS_URL (the "
+                             "limiter's state shared, as with several replicas)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "gateway-last.json"))
     parser.add_argument("--before", metavar="DIR", default=None,
                         help="a checkout of an earlier revision (git worktree add DIR REV): set-up "

@@ -21,7 +21,7 @@ from extproc.lifecycle import cancel_and_wait
 from extproc.limiter.adaptive import AdaptiveLimit, AdaptiveParams, Adjustment
 from extproc.limiter.admission import Admission, AdmissionHooks, Permit, Rejected
 from extproc.limiter.budget import EVERY_WORKER, BudgetConfig, parse_budgets
-from extproc.limiter.pacing import Pacer
+from extproc.limiter.pacing import Pacer, ReserveBreach
 from extproc.limiter.quota import QuotaGate, format_reset
 from extproc.limiter.codes import Code, Reset, lookup
 from extproc.limiter.signals import (Signal, next_midnight, quota_reset_at,
@@ -106,13 +106,20 @@ class AccountLimiter:
 
     async def try_admit(self, worker: str, estimated_tokens: int = 0,
                         priority: bool = False) -> Permit | None:
-        """A permit at once, None if the request must wait (`admit_waiting`), or Rejected."""
-        await self._sync_gate()
+        """A permit at once, None if the request must wait (`admit_waiting`), or Rejected.
+
+        A gate another replica closed is seen in the store's start (one round trip to Redis for
+        the whole admission); it is read first only before a refusal of this replica's own or a
+        charge to a budget, which it must take precedence over."""
         self.admission.check_gate()
-        if not priority:
+        if not priority and self._reserve_breach() is not None:
+            await self._sync_gate()
+            self.admission.check_gate()
             self._check_reserve(worker)
         budget = self.budget_for(worker)
         if budget is not None:
+            await self._sync_gate()
+            self.admission.check_gate()
             wait = await self.store.budget_take(
                 worker, budget.rpm, (budget.rpm or 0) / 60.0, budget.tpm, (budget.tpm or 0) / 60.0,
                 float(estimated_tokens) if budget.tpm else 0.0, self.wall())
@@ -123,9 +130,12 @@ class AccountLimiter:
                                f"({_describe(budget)}); retry after the time in retry-after.")
         return await self.admission.try_admit(worker)
 
+    def _reserve_breach(self) -> ReserveBreach | None:
+        return self.pacer.reserve_breach(self.wall()) if self.pacer is not None else None
+
     def _check_reserve(self, worker: str) -> None:
         """Past 100 - QUOTA_RESERVE_PERCENT of a window, only priority workers start requests."""
-        breach = self.pacer.reserve_breach(self.wall()) if self.pacer is not None else None
+        breach = self._reserve_breach()
         if breach is None:
             return
         left = max(0.0, 1.0 - breach.used)
@@ -209,9 +219,7 @@ class AccountLimiter:
         except StoreUnavailable:
             return
         if shared is not None:
-            until, info = shared
-            self.gate.close(until, str(info.get("code", "quota")), str(info.get("message", "")),
-                            now_wall=self.wall())
+            self.admission.adopt_gate(*shared)
 
     # -- admin -------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from extproc.ids import unique_id
 from extproc.lifecycle import run_detached
@@ -117,6 +117,7 @@ class Admission:
             if permit is not None:
                 self.hooks.queue_wait(0.0)
                 return permit
+            self.check_gate()  # closed by another replica, as the store just said
         return None
 
     async def admit_waiting(self, worker: str) -> Permit:
@@ -157,29 +158,37 @@ class Admission:
             raise self._reject("quota", retry_after, "zai-proxy: " + self.gate.reason())
 
     async def _try_start(self, worker: str) -> Permit | None:
+        """A permit if the store grants a start (a slot and a start token), else None: the
+        account is full, the start rate wants a wait (the queue looks again then), or another
+        replica closed the quota gate (adopted here: the caller checks the gate)."""
         now = self.wall()
         lease_id = unique_id()
-        limit = self.concurrency.allowed()
-        # Cancelled (the client left) at either await, the lease may be held in the store: it is
+        per_second = self.rate.value / 60.0  # the rate limit is learned in requests per minute
+        # Cancelled (the client left) during the await, the lease may be held in the store: it is
         # released in the background, never left to its TTL.
         try:
-            if not await self.store.acquire_slot(self.account, lease_id, limit, now, self.lease_ttl):
-                return None
-            per_second = self.rate.value / 60.0  # the rate limit is learned in requests per minute
             # A burst of a few seconds' worth: agents start in bursts, and 1303 is per unit of time.
-            wait = await self.store.take_start(self.account, per_second, max(1.0, per_second * 5), now)
+            started = await self.store.start(self.account, lease_id, self.concurrency.allowed(), now,
+                                             self.lease_ttl, per_second, max(1.0, per_second * 5))
         except BaseException:
             self._release_in_background(lease_id)
             raise
-        if wait > 0:
-            await asyncio.shield(self.store.release_slot(self.account, lease_id))
-            self._schedule(wait)
+        if not started.held:
+            if started.gate is not None:
+                self.adopt_gate(*started.gate)
+            elif started.wait > 0:
+                self._schedule(started.wait)
             return None
         self.in_flight += 1
         self.in_flight_by_worker[worker] = self.in_flight_by_worker.get(worker, 0) + 1
         self._starts.append(now)
         self._recent_starts(now)  # bounded to the last minute even if no answer ever comes
         return Permit(lease_id, worker, 0.0, self)
+
+    def adopt_gate(self, until: float, info: dict[str, Any]) -> None:
+        """A quota gate another replica closed (read from the shared store)."""
+        self.gate.close(until, str(info.get("code", "quota")), str(info.get("message", "")),
+                        now_wall=self.wall())
 
     def _release_in_background(self, lease_id: str) -> None:
         task = asyncio.ensure_future(self.store.release_slot(self.account, lease_id))
@@ -235,6 +244,8 @@ class Admission:
                 continue
             permit = await self._try_start(worker)
             if permit is None:
+                if self.gate.check(self.wall()) is not None:
+                    self._refuse_queued()  # closed by another replica, as the store just said
                 return
             if not waiter.done() and self.queue.head(worker) is waiter:
                 self.queue.pop(worker)  # advances the worker's turn

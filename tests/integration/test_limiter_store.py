@@ -16,7 +16,7 @@ import pytest
 
 from extproc.limiter.stores.failover import FailoverStore
 from extproc.limiter.stores.redis import RedisStore, redacted_location
-from extproc.limiter.stores.base import LimiterStore, StoreUnavailable
+from extproc.limiter.stores.base import LimiterStore, Start, StoreUnavailable
 from extproc.limiter.stores.local import LocalStore
 from redis_server import RedisServer, free_port, redis_server, redis_url, start_redis  # noqa: F401
 
@@ -105,6 +105,39 @@ async def test_start_bucket_edges(store: LimiterStore) -> None:
     # A replica whose clock is behind adds nothing rather than going backwards.
     assert await store.take_start("c", 1.0, 1.0, T0) == 0.0
     assert await store.take_start("c", 1.0, 1.0, T0 - 5) == pytest.approx(1.0)
+
+
+# -- one admission: the gate, a slot and a start token in one step --------------------------------
+
+async def test_a_start_holds_a_slot_and_a_start_token_both_or_neither(store: LimiterStore) -> None:
+    assert await store.start("acct", "a", 2, T0, 60, 1.0, 2.0) == Start(True)
+    assert await store.start("acct", "b", 2, T0, 60, 1.0, 2.0) == Start(True)
+    # No free slot: nothing taken, the start bucket included.
+    assert await store.start("acct", "c", 2, T0, 60, 1.0, 2.0) == Start(False)
+    assert await store.in_flight("acct", T0) == 2
+    assert await store.release_slot("acct", "a")
+    # A free slot but no start token: the slot is not kept, and the wait is the bucket's.
+    got = await store.start("acct", "c", 2, T0 + 0.25, 60, 1.0, 2.0)
+    assert not got.held and got.gate is None and got.wait == pytest.approx(0.75)
+    assert await store.in_flight("acct", T0 + 0.25) == 1
+    assert await store.release_slot("acct", "c") is False
+    assert await store.start("acct", "c", 2, T0 + 1.0, 60, 1.0, 2.0) == Start(True)
+    assert await store.take_start("acct", 1.0, 2.0, T0 + 1.0) == pytest.approx(1.0)  # it took the token
+
+
+async def test_a_start_under_many_at_once_never_exceeds_the_limit(store: LimiterStore) -> None:
+    got = await asyncio.gather(*(store.start("acct", f"l{i}", 3, T0, 60, 100.0, 100.0) for i in range(40)))
+    assert sum(start.held for start in got) == 3
+    assert await store.in_flight("acct", T0) == 3
+
+
+async def test_a_start_while_the_gate_is_closed_takes_nothing_and_says_until_when(store: LimiterStore) -> None:
+    await store.close_gate("acct", T0 + 100, {"code": "1308", "message": "quota"})
+    assert await store.start("acct", "a", 5, T0 + 50, 60, 1.0, 1.0) == Start(
+        False, gate=(T0 + 100, {"code": "1308", "message": "quota"}))
+    assert await store.in_flight("acct", T0 + 50) == 0
+    assert await store.take_start("acct", 1.0, 1.0, T0 + 50) == 0.0  # the token was still there
+    assert await store.start("acct", "a", 5, T0 + 100, 60, 1.0, 1.0) == Start(True)  # the reset
 
 
 # -- learned state and quota gate -----------------------------------------------------------------
@@ -205,6 +238,10 @@ def random_op(rng: random.Random, now: float) -> tuple[str, tuple[object, ...]]:
         ("in_flight", (owner, now)),
         ("reap_expired", (owner, now)),
         ("take_start", (owner, rng.choice([0.5, 1.3, 4.0]), rng.choice([1.0, 2.5]), now)),
+        ("start", (owner, lease, rng.randrange(1, 4), now, rng.choice([1.0, 5.0, 30.0]),
+                   rng.choice([0.5, 1.3, 4.0]), rng.choice([1.0, 2.5]))),
+        ("close_gate", (owner, now + rng.choice([0.5, 3.0]), {"code": "1308"})),
+        ("gate", (owner, now)),
         ("budget_take", (owner, rng.choice([None, 3.0]), 0.05, rng.choice([None, 1000.0]), 16.7,
                          rng.randrange(0, 1500), now)),
         ("budget_adjust", (owner, 1000.0, 16.7, rng.uniform(-300, 300), now)),
@@ -251,7 +288,8 @@ async def test_dead_redis_fails_fast_with_one_error_type() -> None:
     start = time.monotonic()
     try:
         for op in (s.acquire_slot("a", "l", 1, T0, 1), s.release_slot("a", "l"), s.in_flight("a", T0),
-                   s.take_start("a", 1, 1, T0), s.load_state("a"), s.gate("a", T0),
+                   s.take_start("a", 1, 1, T0), s.start("a", "l", 1, T0, 1, 1, 1), s.load_state("a"),
+                   s.gate("a", T0),
                    s.budget_take("w", 1, 1, 1, 1, 1, T0)):
             with pytest.raises(StoreUnavailable) as info:
                 await op
@@ -426,3 +464,28 @@ async def test_a_settled_claim_refuses_strays_for_its_short_ttl_then_is_gone(sto
     assert not await store.claim("record:s", T0 + 0.1, 3600)  # a stray is still refused
     await asyncio.sleep(0.5)  # Redis expires keys on its own clock
     assert await store.claim("record:s", T0 + 0.5, 3600)  # the settled claim is gone
+
+
+async def test_failover_of_a_start_on_hang_counts_both_sides_and_undoes_the_lost_one(tmp_path: Path) -> None:
+    server = start_redis(tmp_path)
+    prefix, switches = fresh_prefix(), Switches()
+    store = failover_store(server, prefix, switches)
+    observer = RedisStore(server.url, prefix=prefix)
+    now = time.time()
+    try:
+        assert (await store.start("acct", "r1", 2, now, 60, 100.0, 100.0)).held
+        server.pause()  # the next start times out on Redis (its script runs there later)
+        assert (await store.start("acct", "l1", 2, now, 60, 100.0, 100.0)).held  # redone locally
+        assert await store.start("acct", "l2", 2, now, 60, 100.0, 100.0) == Start(False)  # r1 + l1
+        assert switches.seen == [False]
+        server.resume()
+        await wait_until_shared(store)
+        assert await observer.in_flight("acct", now) == 1  # r1; l1's late script undone there
+        assert await store.release_slot("acct", "l1") is True  # where it was granted: locally
+        assert await store.release_slot("acct", "r1") is True
+        assert await observer.in_flight("acct", now) == 0
+    finally:
+        server.resume()
+        await store.close()
+        await observer.close()
+        server.stop()

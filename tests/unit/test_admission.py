@@ -140,3 +140,33 @@ async def test_quota_gate_closing_refuses_the_queue_at_once():
     assert len(adm.queue) == 0 and events.count("quota") == 2
     await held.release(None)
     assert adm.in_flight == 0
+
+
+async def test_a_gate_another_replica_closed_in_the_store_refuses_here_at_once():
+    wall, events = Wall(), []
+    adm = admission(wall=wall, events=events)
+    # Another replica, on the same store, learned that the quota ran out.
+    await adm.store.close_gate("acct", wall.now + 120, {"code": "1308", "message": "Usage limit reached"})
+    with pytest.raises(Rejected) as gated:
+        await adm.admit("a")
+    assert gated.value.reason == "quota" and gated.value.retry_after == pytest.approx(120)
+    assert "Usage limit reached" in gated.value.message and events == ["quota"]
+    assert adm.in_flight == 0 and await adm.store.in_flight("acct", wall.now) == 0
+    wall.now += 121
+    permit = await adm.admit("a")
+    await permit.release(None)
+
+
+async def test_a_gate_another_replica_closes_refuses_the_queue_here():
+    wall, events = Wall(), []
+    adm = admission(limit=1, max_wait=30.0, wall=wall, events=events)
+    held = await adm.admit("a")
+    queued = [asyncio.ensure_future(adm.admit(w)) for w in ("b", "c")]
+    await asyncio.sleep(0.02)
+    await adm.store.close_gate("acct", wall.now + 600, {"code": "1308", "message": "Usage limit reached"})
+    await held.release(None)  # the slot frees; the next start finds the gate instead
+    for waiting in queued:
+        with pytest.raises(Rejected) as refused:
+            await asyncio.wait_for(waiting, 1)
+        assert refused.value.reason == "quota" and refused.value.retry_after == pytest.approx(600)
+    assert len(adm.queue) == 0 and adm.in_flight == 0 and events.count("quota") == 2

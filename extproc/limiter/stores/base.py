@@ -12,15 +12,30 @@ Semantics shared by both implementations:
   `release_slot` (True) or by being reaped, never both. Re-acquiring a held lease renews it.
 - A token bucket starts full, refills at its rate up to its capacity, and a take that cannot be
   satisfied takes nothing and says how long to wait (`math.inf` if the rate is zero).
+- `start` is what one admission needs, as one step (one round trip to Redis): the account's
+  quota gate is read, then a lease is held and a start token taken, both or neither.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, NamedTuple, Protocol, runtime_checkable
 
 Clock = Callable[[], float]
+
+
+class Start(NamedTuple):
+    """What `LimiterStore.start` did. Only `held` holds anything (the lease, and the start token
+    taken); otherwise nothing was taken, and the fields say why."""
+
+    held: bool
+    wait: float = 0.0  # no start token: seconds until one (0.0 with `held` False: no free slot)
+    gate: tuple[float, dict[str, Any]] | None = None  # the quota gate is closed: (until, info)
+
+
+NO_ROOM = Start(False)
+STARTED = Start(True)
 
 
 class StoreUnavailable(RuntimeError):
@@ -51,6 +66,12 @@ class LimiterStore(Protocol):
     async def take_start(self, account: str, rate_per_second: float, burst: float,
                          now: float) -> float:
         """0.0 if a start token was taken, else seconds until one is available."""
+        ...
+
+    async def start(self, account: str, lease_id: str, limit: int, now: float, ttl: float,
+                    rate_per_second: float, burst: float) -> Start:
+        """One admission, atomically: while the account's gate is closed, nothing; else a new
+        lease (as `acquire_slot`) and a start token (as `take_start`), both or neither."""
         ...
 
     async def load_state(self, account: str) -> dict[str, Any] | None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, TypeVar
 
 from extproc.limiter.stores.redis import RedisStore
-from extproc.limiter.stores.base import LimiterStore, StoreUnavailable
+from extproc.limiter.stores.base import LimiterStore, Start, StoreUnavailable
 from extproc.limiter.stores.local import LocalStore
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,28 @@ class FailoverStore:
         if held:
             self._keep(lease_id, _Lease(store, account, now + ttl))
         return held
+
+    async def start(self, account: str, lease_id: str, limit: int, now: float, ttl: float,
+                    rate_per_second: float, burst: float) -> Start:
+        if self.shared:
+            try:
+                return await self._start_on(self._primary, account, lease_id, limit, now, ttl,
+                                            rate_per_second, burst)
+            except StoreUnavailable as exc:
+                self._orphans[lease_id] = account  # as in acquire_slot
+                self._set_shared(False, str(exc))
+        else:
+            self._maybe_probe()
+        return await self._start_on(self._fallback, account, lease_id, limit, now, ttl,
+                                    rate_per_second, burst)
+
+    async def _start_on(self, store: LimiterStore, account: str, lease_id: str, limit: int,
+                        now: float, ttl: float, rate_per_second: float, burst: float) -> Start:
+        room = limit - self._held_elsewhere(account, store, now)
+        started = await store.start(account, lease_id, room, now, ttl, rate_per_second, burst)
+        if started.held:
+            self._keep(lease_id, _Lease(store, account, now + ttl))
+        return started
 
     async def release_slot(self, account: str, lease_id: str) -> bool:
         lease = self._forget(lease_id)

@@ -8,7 +8,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from extproc.limiter.stores.base import (Bucket, Clock, refill,
+from extproc.limiter.stores.base import (NO_ROOM, STARTED, Bucket, Clock, Start, refill,
                                          start_capacity, token_need, wait_for)
 
 
@@ -49,6 +49,9 @@ class LocalStore:
 
     async def acquire_slot(self, account: str, lease_id: str, limit: int, now: float,
                            ttl: float) -> bool:
+        return self._acquire(account, lease_id, limit, now, ttl)
+
+    def _acquire(self, account: str, lease_id: str, limit: int, now: float, ttl: float) -> bool:
         leases = self._leases.setdefault(account, {})
         held = leases.get(lease_id)
         # Fewer leases than the limit, expired or not: room, without looking at each (a scan per
@@ -105,12 +108,28 @@ class LocalStore:
 
     async def take_start(self, account: str, rate_per_second: float, burst: float,
                          now: float) -> float:
+        return self._take_start(account, rate_per_second, burst, now)
+
+    def _take_start(self, account: str, rate_per_second: float, burst: float, now: float) -> float:
         bucket = refill(self._starts.get(account), start_capacity(burst), rate_per_second, now)
         wait = wait_for(bucket.tokens, 1.0, rate_per_second)
         if wait == 0.0:
             bucket.tokens -= 1.0
         self._starts[account] = bucket
         return wait
+
+    async def start(self, account: str, lease_id: str, limit: int, now: float, ttl: float,
+                    rate_per_second: float, burst: float) -> Start:
+        gate = self._gate(account, now)
+        if gate is not None:
+            return Start(False, gate=gate)
+        if not self._acquire(account, lease_id, limit, now, ttl):
+            return NO_ROOM
+        wait = self._take_start(account, rate_per_second, burst, now)
+        if wait > 0.0:
+            self._leases[account].pop(lease_id, None)
+            return Start(False, wait)
+        return STARTED
 
     async def load_state(self, account: str) -> dict[str, Any] | None:
         entry = self._states.get(account)
@@ -166,6 +185,9 @@ class LocalStore:
         self._gates.pop(account, None)
 
     async def gate(self, account: str, now: float) -> tuple[float, dict[str, Any]] | None:
+        return self._gate(account, now)
+
+    def _gate(self, account: str, now: float) -> tuple[float, dict[str, Any]] | None:
         current = self._gates.get(account)
         if current is None:
             return None

@@ -24,7 +24,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from extproc.limiter.stores.base import StoreUnavailable
+from extproc.limiter.stores.base import NO_ROOM, STARTED, Start, StoreUnavailable, start_capacity
 
 T = TypeVar("T")
 
@@ -77,6 +77,29 @@ if wait == 0 then tokens = tokens - 1 end
 redis.call('HSET', KEYS[1], 'tokens', fmt(tokens), 'updated', fmt(updated))
 redis.call('PEXPIRE', KEYS[1], full_in_ms(tokens, cap, rate) + tonumber(ARGV[4]))
 return fmt(wait)
+"""
+
+# KEYS: gate hash, slots zset, start bucket hash. ARGV: lease_id, limit, now, ttl, grace_ms, rate,
+# capacity. One admission (`LimiterStore.start`): _CLOSE_GATE's gate read, then _ACQUIRE for a new
+# lease and _TAKE_START, both or neither. Replies {'gate', until, info}, {'full'}, {'wait', wait}
+# or {'held'}.
+_START = _BUCKET_LUA + """
+local now = tonumber(ARGV[3])
+local gate = redis.call('HMGET', KEYS[1], 'until', 'info')
+if gate[1] and tonumber(gate[1]) > now then return {'gate', gate[1], gate[2]} end
+if redis.call('ZCOUNT', KEYS[2], '(' .. ARGV[3], '+inf') >= tonumber(ARGV[2]) then return {'full'} end
+local rate, cap = tonumber(ARGV[6]), tonumber(ARGV[7])
+local tokens, updated = refill(KEYS[3], 'tokens', 'updated', cap, rate, now)
+local wait = wait_for(tokens, 1, rate)
+if wait == 0 then tokens = tokens - 1 end
+redis.call('HSET', KEYS[3], 'tokens', fmt(tokens), 'updated', fmt(updated))
+redis.call('PEXPIRE', KEYS[3], full_in_ms(tokens, cap, rate) + tonumber(ARGV[5]))
+if wait > 0 then return {'wait', fmt(wait)} end
+local ttl = tonumber(ARGV[4])
+redis.call('ZADD', KEYS[2], fmt(now + ttl), ARGV[1])
+local keep = math.ceil(ttl * 1000) + tonumber(ARGV[5])
+if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) end
+return {'held'}
 """
 
 # KEYS: budget hash (fields rt/ru: requests, tt/tu: tokens). ARGV: requests capacity ('' = none),
@@ -172,6 +195,7 @@ class RedisStore:
             retry_on_timeout=False, decode_responses=True)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._take_start = self._redis.register_script(_TAKE_START)
+        self._start = self._redis.register_script(_START)
         self._budget_take = self._redis.register_script(_BUDGET_TAKE)
         self._budget_adjust = self._redis.register_script(_BUDGET_ADJUST)
         self._close_gate = self._redis.register_script(_CLOSE_GATE)
@@ -208,6 +232,21 @@ class RedisStore:
             keys=[self._key("start", account)],
             args=[_num(rate_per_second), _num(max(burst, 1.0)), _num(now), _GRACE_MS]))
         return float(wait)
+
+    async def start(self, account: str, lease_id: str, limit: int, now: float, ttl: float,
+                    rate_per_second: float, burst: float) -> Start:
+        reply = await self._run(self._start(
+            keys=[self._key("gate", account), self._key("slots", account), self._key("start", account)],
+            args=[lease_id, int(limit), _num(now), _num(ttl), _GRACE_MS, _num(rate_per_second),
+                  _num(start_capacity(burst))]))
+        kind = reply[0]
+        if kind == "held":
+            return STARTED
+        if kind == "full":
+            return NO_ROOM
+        if kind == "wait":
+            return Start(False, float(reply[1]))
+        return Start(False, gate=(float(reply[1]), json.loads(reply[2])))
 
     async def load_state(self, account: str) -> dict[str, Any] | None:
         raw = await self._run(self._redis.get(self._key("state", account)))
