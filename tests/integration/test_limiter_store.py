@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import pytest
+import redis.asyncio as aioredis
 
 from extproc.limiter.stores.failover import FailoverStore
 from extproc.limiter.stores.redis import RedisStore, redacted_location
@@ -489,3 +490,31 @@ async def test_failover_of_a_start_on_hang_counts_both_sides_and_undoes_the_lost
         await store.close()
         await observer.close()
         server.stop()
+
+
+async def test_commands_issued_together_go_to_redis_over_one_connection(redis_url: str) -> None:
+    store = RedisStore(redis_url, prefix=fresh_prefix())
+    observer = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        before = (await observer.info("clients"))["connected_clients"]
+        got = await asyncio.gather(*(store.start("acct", f"l{i}", 3, T0, 60, 100.0, 100.0) for i in range(40)),
+                                   *(store.claim(f"c{i % 20}", T0, 60) for i in range(40)))
+        assert sum(start.held for start in got[:40]) == 3  # each still atomic, in order
+        assert got[40:] == [True] * 20 + [False] * 20  # each caller its own reply
+        assert (await observer.info("clients"))["connected_clients"] == before + 1
+    finally:
+        await store.close()
+        await observer.aclose()
+
+
+async def test_scripts_lost_by_a_flushed_redis_are_loaded_again(redis_url: str) -> None:
+    store = RedisStore(redis_url, prefix=fresh_prefix())
+    observer = aioredis.Redis.from_url(redis_url)
+    try:
+        assert (await store.start("acct", "a", 2, T0, 60, 100.0, 100.0)).held
+        await observer.script_flush()
+        assert (await store.start("acct", "b", 2, T0, 60, 100.0, 100.0)).held
+        assert await store.start("acct", "c", 2, T0, 60, 100.0, 100.0) == Start(False)
+    finally:
+        await store.close()
+        await observer.aclose()

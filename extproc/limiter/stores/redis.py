@@ -12,21 +12,21 @@ timeouts, no backoff, so `FailoverStore` can switch to local limits without stal
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
-from typing import Any, Awaitable, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from extproc.limiter.stores.base import NO_ROOM, STARTED, Start, StoreUnavailable, start_capacity
-
-T = TypeVar("T")
+from extproc.limiter.stores.redis_pipeline import Command, TurnPipeline
 
 # Keys are kept this long after they stop mattering, so a reaper that runs rarely still finds
 # (and counts) expired leases, and a fake test clock never races Redis's real one.
@@ -178,6 +178,11 @@ return 1
 """
 
 
+# Every script by its SHA-1, as EVALSHA names it.
+_SHAS = {source: hashlib.sha1(source.encode()).hexdigest()
+         for source in (_ACQUIRE, _TAKE_START, _START, _BUDGET_TAKE, _BUDGET_ADJUST, _CLOSE_GATE, _JOIN_CAPPED)}
+
+
 class RedisStore:
     """`LimiterStore` on Redis; keys are `{prefix}{kind}:{account or worker}`."""
 
@@ -193,52 +198,59 @@ class RedisStore:
             url, socket_timeout=timeout, socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             retry_on_timeout=False, decode_responses=True)
-        self._acquire = self._redis.register_script(_ACQUIRE)
-        self._take_start = self._redis.register_script(_TAKE_START)
-        self._start = self._redis.register_script(_START)
-        self._budget_take = self._redis.register_script(_BUDGET_TAKE)
-        self._budget_adjust = self._redis.register_script(_BUDGET_ADJUST)
-        self._close_gate = self._redis.register_script(_CLOSE_GATE)
-        self._join_capped = self._redis.register_script(_JOIN_CAPPED)
+        self._pipeline = TurnPipeline(self._redis)
 
     def _key(self, kind: str, owner: str) -> str:
         return f"{self._prefix}{kind}:{owner}"
 
-    async def _run(self, op: Awaitable[T]) -> T:
+    async def _run(self, command: Command) -> Any:
+        """One command, sent with the others of this loop turn (redis_pipeline.py)."""
         try:
-            return await op
+            return await self._pipeline.call(command)
         except (RedisError, OSError) as exc:  # OSError includes TimeoutError
             raise StoreUnavailable(f"Redis at {self.location}: {exc.__class__.__name__}: {exc}") from exc
 
+    async def _script(self, source: str, keys: list[str], args: list[Any]) -> Any:
+        sha = _SHAS[source]
+        try:
+            return await self._run(lambda pipe: pipe.evalsha(sha, len(keys), *keys, *args))
+        except StoreUnavailable as exc:
+            if not isinstance(exc.__cause__, NoScriptError):
+                raise
+        # A restarted or flushed Redis lost the scripts: load this one, then run it again.
+        await self._run(lambda pipe: pipe.script_load(source))
+        return await self._run(lambda pipe: pipe.evalsha(sha, len(keys), *keys, *args))
+
     async def acquire_slot(self, account: str, lease_id: str, limit: int, now: float,
                            ttl: float) -> bool:
-        held = await self._run(self._acquire(
-            keys=[self._key("slots", account)],
-            args=[lease_id, int(limit), _num(now), _num(ttl), _GRACE_MS]))
+        held = await self._script(_ACQUIRE, [self._key("slots", account)],
+                                  [lease_id, int(limit), _num(now), _num(ttl), _GRACE_MS])
         return held == 1
 
     async def release_slot(self, account: str, lease_id: str) -> bool:
-        return await self._run(self._redis.zrem(self._key("slots", account), lease_id)) == 1
+        key = self._key("slots", account)
+        return await self._run(lambda pipe: pipe.zrem(key, lease_id)) == 1
 
     async def in_flight(self, account: str, now: float) -> int:
-        return int(await self._run(self._redis.zcount(self._key("slots", account), f"({now!r}", "+inf")))
+        key = self._key("slots", account)
+        return int(await self._run(lambda pipe: pipe.zcount(key, f"({now!r}", "+inf")))
 
     async def reap_expired(self, account: str, now: float) -> int:
-        return int(await self._run(self._redis.zremrangebyscore(self._key("slots", account), "-inf", now)))
+        key = self._key("slots", account)
+        return int(await self._run(lambda pipe: pipe.zremrangebyscore(key, "-inf", now)))
 
     async def take_start(self, account: str, rate_per_second: float, burst: float,
                          now: float) -> float:
-        wait = await self._run(self._take_start(
-            keys=[self._key("start", account)],
-            args=[_num(rate_per_second), _num(max(burst, 1.0)), _num(now), _GRACE_MS]))
+        wait = await self._script(_TAKE_START, [self._key("start", account)],
+                                  [_num(rate_per_second), _num(start_capacity(burst)), _num(now), _GRACE_MS])
         return float(wait)
 
     async def start(self, account: str, lease_id: str, limit: int, now: float, ttl: float,
                     rate_per_second: float, burst: float) -> Start:
-        reply = await self._run(self._start(
-            keys=[self._key("gate", account), self._key("slots", account), self._key("start", account)],
-            args=[lease_id, int(limit), _num(now), _num(ttl), _GRACE_MS, _num(rate_per_second),
-                  _num(start_capacity(burst))]))
+        reply = await self._script(
+            _START, [self._key("gate", account), self._key("slots", account), self._key("start", account)],
+            [lease_id, int(limit), _num(now), _num(ttl), _GRACE_MS, _num(rate_per_second),
+             _num(start_capacity(burst))])
         kind = reply[0]
         if kind == "held":
             return STARTED
@@ -249,62 +261,66 @@ class RedisStore:
         return Start(False, gate=(float(reply[1]), json.loads(reply[2])))
 
     async def load_state(self, account: str) -> dict[str, Any] | None:
-        raw = await self._run(self._redis.get(self._key("state", account)))
+        key = self._key("state", account)
+        raw = await self._run(lambda pipe: pipe.get(key))
         return None if raw is None else json.loads(raw)
 
     async def save_state(self, account: str, state: dict[str, Any], ttl: float) -> None:
-        await self._run(self._redis.set(self._key("state", account), json.dumps(state), px=_ms(ttl)))
+        key, value = self._key("state", account), json.dumps(state)
+        await self._run(lambda pipe: pipe.set(key, value, px=_ms(ttl)))
 
     async def budget_take(self, worker: str, requests_capacity: float | None,
                           requests_per_second: float, tokens_capacity: float | None,
                           tokens_per_second: float, tokens: float, now: float) -> float:
-        wait = await self._run(self._budget_take(
-            keys=[self._key("budget", worker)],
-            args=[_num(requests_capacity), _num(requests_per_second), _num(tokens_capacity),
-                  _num(tokens_per_second), _num(tokens), _num(now), _GRACE_MS]))
+        wait = await self._script(
+            _BUDGET_TAKE, [self._key("budget", worker)],
+            [_num(requests_capacity), _num(requests_per_second), _num(tokens_capacity),
+             _num(tokens_per_second), _num(tokens), _num(now), _GRACE_MS])
         return float(wait)
 
     async def budget_adjust(self, worker: str, tokens_capacity: float | None,
                             tokens_per_second: float, delta_tokens: float, now: float) -> None:
         if tokens_capacity is None:
             return
-        await self._run(self._budget_adjust(
-            keys=[self._key("budget", worker)],
-            args=[_num(tokens_capacity), _num(tokens_per_second), _num(delta_tokens), _num(now),
-                  _GRACE_MS]))
+        await self._script(_BUDGET_ADJUST, [self._key("budget", worker)],
+                           [_num(tokens_capacity), _num(tokens_per_second), _num(delta_tokens),
+                            _num(now), _GRACE_MS])
 
     async def close_gate(self, account: str, until: float, info: dict[str, Any]) -> None:
         # `until` is compared with the caller's clock; the key's TTL (Redis's clock) only has to
         # outlive it.
         keep_ms = _ms(max(until - time.time(), 0.0)) + _GRACE_MS
-        await self._run(self._close_gate(
-            keys=[self._key("gate", account)], args=[_num(until), json.dumps(info), keep_ms]))
+        await self._script(_CLOSE_GATE, [self._key("gate", account)], [_num(until), json.dumps(info), keep_ms])
 
     async def open_gate(self, account: str) -> None:
-        await self._run(self._redis.delete(self._key("gate", account)))
+        key = self._key("gate", account)
+        await self._run(lambda pipe: pipe.delete(key))
 
     async def gate(self, account: str, now: float) -> tuple[float, dict[str, Any]] | None:
-        until, info = await self._run(self._redis.hmget(self._key("gate", account), "until", "info"))
+        key = self._key("gate", account)
+        until, info = await self._run(lambda pipe: pipe.hmget(key, "until", "info"))
         if until is None or float(until) <= now:
             return None
         return float(until), json.loads(info)
 
     async def claim(self, key: str, now: float, ttl: float) -> bool:
-        return bool(await self._run(self._redis.set(self._key("claim", key), "1", nx=True, px=_ms(ttl))))
+        name = self._key("claim", key)
+        return bool(await self._run(lambda pipe: pipe.set(name, "1", nx=True, px=_ms(ttl))))
 
     async def settle_claim(self, key: str, now: float, ttl: float) -> bool:
-        # PEXPIRE answers whether the key exists, and shortens it if so: one round trip.
-        return bool(await self._run(self._redis.pexpire(self._key("claim", key), _ms(ttl))))
+        # PEXPIRE answers whether the key exists, and shortens it if so: one command.
+        name = self._key("claim", key)
+        return bool(await self._run(lambda pipe: pipe.pexpire(name, _ms(ttl))))
 
     async def join_capped(self, key: str, member: str, limit: int) -> bool:
-        return bool(await self._run(self._join_capped(keys=[self._key("set", key)],
-                                                      args=[member, limit])))
+        return bool(await self._script(_JOIN_CAPPED, [self._key("set", key)], [member, limit]))
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._run(self._redis.ping()))
+            return bool(await self._run(lambda pipe: pipe.ping()))
         except StoreUnavailable:
             return False
 
     async def close(self) -> None:
+        await self._pipeline.close()
         await self._redis.aclose()
