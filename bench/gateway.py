@@ -48,7 +48,6 @@ import contextlib
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -64,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from envoy_floor import write_floor, write_gateway  # noqa: E402
+from local_redis import LocalRedis  # noqa: E402
 from extproc.config import Settings  # noqa: E402
 from extproc.local.processes import (Child, FileSink, ProcessGroup, envoy_binary, free_port,  # noqa: E402
                                      wait_http_ok)
@@ -173,39 +173,16 @@ def base_env(run_dir: Path, name: str, emulator: Emulator) -> dict[str, str]:
     return env
 
 
-async def start_redis(group: ProcessGroup, run_dir: Path) -> int:
-    """A redis-server on a free loopback port, without persistence (`--redis`); its port."""
-    port = free_port()
-    child = await group.start("redis", [shutil.which("redis-server") or "/usr/bin/redis-server",
-                                        "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                        "--appendonly", "no", "--dir", str(run_dir)],
-                              os.environ, log_file=run_dir / "redis.log")
-    for _ in range(100):
-        if child.process.returncode is not None:
-            raise RuntimeError(f"redis-server exited with code {child.process.returncode}")
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"PING\r\n")
-            pong = await reader.readline()
-            writer.close()
-            if pong.startswith(b"+PONG"):
-                return port
-        except OSError:
-            pass
-        await asyncio.sleep(0.1)
-    raise TimeoutError("redis-server did not answer")
-
-
 async def start_setups(group: ProcessGroup, run_dir: Path, emulator: Emulator,
-                       names: list[str], redis_port: int | None = None) -> dict[str, Setup]:
+                       names: list[str], redis: LocalRedis | None = None) -> dict[str, Setup]:
     setups: dict[str, Setup] = {}
     for index, name in enumerate(SETUPS):
         if name not in names and name != "floor":  # the floor is every comparison's base
             continue
         env = base_env(run_dir, name, emulator)
-        if redis_port is not None and name.startswith("gateway"):
+        if redis is not None and name.startswith("gateway"):
             # The limiter's state in Redis, as with several replicas; a database per set-up.
-            env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/{index}"
+            env["REDIS_URL"] = redis.url(index)
         if name.endswith("_inline"):
             env["RESPONSE_PROCESSING"] = "inline"
         if name == "gateway_2proc":
@@ -657,12 +634,13 @@ async def main_async(args: argparse.Namespace) -> int:
     group = ProcessGroup(sink)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     soak = None
+    redis: LocalRedis | None = None
     scenarios = [s for s in SCENARIOS if not args.only or s.name in args.only]
     try:
         emu = await start_emulator(group, os.environ, EMULATOR_ARGS)
         emulator, emu_port = emu.child, emu.port
-        redis_port = await start_redis(group, run_dir) if args.redis else None
-        setups = await start_setups(group, run_dir, emu, args.setups, redis_port)
+        redis = LocalRedis(run_dir) if args.redis else None
+        setups = await start_setups(group, run_dir, emu, args.setups, redis)
         print(f"# run dir {run_dir}; pids: " + ", ".join(f"{c.name}={c.pid}" for c in group.children), flush=True)
         for sc in scenarios:
             max_requests, max_seconds = sc.quick if args.quick else sc.full
@@ -707,6 +685,8 @@ async def main_async(args: argparse.Namespace) -> int:
             print("soak: " + json.dumps({k: v for k, v in soak.items() if k != "samples"}), flush=True)
     finally:
         await group.stop_all(timeout=8)
+        if redis is not None:
+            redis.stop()
         sink.close()
     info = machine()
     report = {"machine": info, "mode": "quick" if args.quick else "full", "results": results, "soak": soak,

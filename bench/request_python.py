@@ -5,6 +5,7 @@
     .venv/bin/python bench/request_python.py --phases [--before DIR] # where one request's Python goes
     .venv/bin/python bench/request_python.py --in-flight 1000        # with 1,000 other requests admitted
     .venv/bin/python bench/request_python.py --concurrent 64 --cold 8000000   # as under load
+    .venv/bin/python bench/request_python.py --redis --concurrent 64 [--before DIR]  # state in Redis
 
 Drives the servicer's `Process` the way Envoy's streams do for one admitted request: the request
 filter's stream (request headers, answered with the key swap and the ticket; held open until the
@@ -30,6 +31,7 @@ import asyncio
 import inspect
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -99,7 +101,9 @@ def _fixture() -> tuple[Any, Any, Any, bytes, list[bytes]]:
         "ENVOY_ROUTES_DIR": f"{state}/routes", "LOG_LEVEL": "INFO",
         # As bench/gateway.py: limits far above the load, so no request waits.
         "RATE_LIMIT_INITIAL": "5000", "RATE_LIMIT_MAX": "5000", "START_RATE_INITIAL": "10000000",
-        "START_RATE_MAX": "10000000", "QUEUE_MAX": "10000"})
+        "START_RATE_MAX": "10000000", "QUEUE_MAX": "10000",
+        # --redis: the limiter's state and the records' claims in Redis, as with several replicas.
+        **({"REDIS_URL": os.environ["ZAI_BENCH_REDIS_URL"]} if os.environ.get("ZAI_BENCH_REDIS_URL") else {})})
     logs.setup("extproc", "INFO")
     logging.getLogger().handlers[0].setStream(open(os.devnull, "w"))  # type: ignore[attr-defined]
 
@@ -121,6 +125,7 @@ def measure(kind: str, number: int, repeat: int, only: str | None = None,
     """CPU µs per request for each response shape, with the `extproc` first on sys.path."""
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+    from extproc.limiter.stores.failover import FailoverStore
     from extproc.proxy.servicer import OBSERVER_METADATA, ExternalProcessor
     from extproc.proxy.ticket import METADATA_NAMESPACE
     from extproc.server import Service
@@ -135,6 +140,9 @@ def measure(kind: str, number: int, repeat: int, only: str | None = None,
     async def run() -> dict[str, float]:
         service = Service(settings)
         await service.limiter.start()
+        switches: list[bool] = []  # with REDIS_URL: each time the store left Redis or came back
+        if isinstance(service.limiter.store, FailoverStore):
+            service.limiter.store._on_change = switches.append
         if kind == "passthrough":
             from passthrough import PassThrough  # bench/, beside this script
             servicer: Any = PassThrough()
@@ -187,6 +195,9 @@ def measure(kind: str, number: int, repeat: int, only: str | None = None,
         held.set()
         await asyncio.gather(*others)
         await service.limiter.stop()
+        if switches:  # figures of local limits are not Redis's: none rather than wrong ones
+            print("the limiter's store left Redis for local limits during the run", file=sys.stderr)
+            return {name: math.nan for name in result}
         return result
 
     import uvloop  # the production ext_proc's loop
@@ -277,6 +288,9 @@ def main() -> None:
                         help="write over BYTES of memory before every message (caches gone cold)")
     parser.add_argument("--phases", action="store_true",
                         help="the gateway's Python per phase of one request (its parts, not its sum)")
+    parser.add_argument("--redis", action="store_true",
+                        help="start a redis-server and keep the limiter's state and the claims there "
+                             "(REDIS_URL), as with several replicas")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -286,6 +300,19 @@ def main() -> None:
                          measure(kind, args.number, args.repeat, in_flight=args.in_flight,
                                  concurrent=args.concurrent, cold=args.cold)))
         return
+    redis = None
+    if args.redis:
+        from local_redis import LocalRedis  # bench/, beside this script
+        redis = LocalRedis(Path(tempfile.mkdtemp(prefix="zai-bench-redis-")))
+        os.environ["ZAI_BENCH_REDIS_URL"] = redis.url()  # the children's
+    try:
+        run_children(args)
+    finally:
+        if redis is not None:
+            redis.stop()
+
+
+def run_children(args: argparse.Namespace) -> None:
     if args.phases:
         sides = {"gateway": ROOT} | ({"gateway, before": Path(args.before).resolve()} if args.before else {})
         print_table("phase", "CPU µs per request", {

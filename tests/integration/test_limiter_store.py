@@ -518,3 +518,19 @@ async def test_scripts_lost_by_a_flushed_redis_are_loaded_again(redis_url: str) 
     finally:
         await store.close()
         await observer.aclose()
+
+
+async def test_a_burst_of_requests_keeps_the_shared_state(redis_url: str) -> None:
+    """Sent one by one, 300 commands at once took a pooled connection each, and past redis-py's
+    100 it refused them: the replica left Redis for local limits. Pipelined, they pass."""
+    switches = Switches()
+    store = FailoverStore(RedisStore(redis_url, prefix=fresh_prefix()), LocalStore(), clock=time.monotonic,
+                          on_change=switches)
+    try:
+        got = await asyncio.gather(*(store.start("acct", f"l{i}", 50, T0, 60, 1000.0, 1000.0) for i in range(100)),
+                                   *(store.claim(f"c{i}", T0, 60) for i in range(100)),
+                                   *(store.settle_claim(f"c{i}", T0, 5) for i in range(100)))
+        assert switches.seen == [] and store.shared
+        assert sum(start.held for start in got[:100]) == 50 and all(got[100:])
+    finally:
+        await store.close()
