@@ -4,6 +4,7 @@ redis-server), plus two replicas on one Redis, and FailoverStore across Redis cr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -331,14 +332,27 @@ def failover_store(server: RedisServer, prefix: str, switches: Switches) -> Fail
                          retry_interval=0.3, on_change=switches)
 
 
-async def test_failover_on_crash_and_back(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="extproc.limiter.stores.failover")
+@contextlib.asynccontextmanager
+async def failover_on(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, FailoverStore, RedisStore, Switches]]:
+    """A real Redis, a replica's FailoverStore over it, and another replica's view of it."""
     server = start_redis(tmp_path)
     prefix, switches = fresh_prefix(), Switches()
     store = failover_store(server, prefix, switches)
-    observer = RedisStore(server.url, prefix=prefix)  # another replica's view of Redis
-    now = time.time()
+    observer = RedisStore(server.url, prefix=prefix)
     try:
+        yield server, store, observer, switches
+    finally:
+        if server.running:
+            server.resume()  # a paused server would hold up the clients' goodbyes
+        await store.close()
+        await observer.close()
+        server.stop()
+
+
+async def test_failover_on_crash_and_back(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="extproc.limiter.stores.failover")
+    now = time.time()
+    async with failover_on(tmp_path) as (server, store, observer, switches):
         assert await store.acquire_slot("acct", "r1", 2, now, 60) and store.name == "redis"
         assert await observer.in_flight("acct", now) == 1
         await asyncio.gather(*(store.take_start("x", 100, 100, now) for _ in range(10)))  # a pool
@@ -377,19 +391,11 @@ async def test_failover_on_crash_and_back(tmp_path: Path, caplog: pytest.LogCapt
         # Pooled connections that died with the old server are reconnected, not a new outage.
         await asyncio.gather(*(store.take_start("x", 100, 100, now) for _ in range(10)))
         assert switches.seen == [False, True]
-    finally:
-        await store.close()
-        await observer.close()
-        server.stop()
 
 
 async def test_failover_on_hang_releases_each_lease_where_it_was_taken(tmp_path: Path) -> None:
-    server = start_redis(tmp_path)
-    prefix, switches = fresh_prefix(), Switches()
-    store = failover_store(server, prefix, switches)
-    observer = RedisStore(server.url, prefix=prefix)
     now = time.time()
-    try:
+    async with failover_on(tmp_path) as (server, store, observer, switches):
         assert await store.acquire_slot("acct", "r1", 3, now, 60)
         assert await store.acquire_slot("acct", "r2", 3, now, 60)
 
@@ -416,11 +422,6 @@ async def test_failover_on_hang_releases_each_lease_where_it_was_taken(tmp_path:
         assert await store.in_flight("acct", now) == 0
         assert await store.release_slot("acct", "r1") is False
         assert switches.seen == [False, True]
-    finally:
-        server.resume()
-        await store.close()
-        await observer.close()
-        server.stop()
 
 
 async def test_failover_reaps_and_forgets_expired_leases(tmp_path: Path) -> None:
@@ -468,12 +469,8 @@ async def test_a_settled_claim_refuses_strays_for_its_short_ttl_then_is_gone(sto
 
 
 async def test_failover_of_a_start_on_hang_counts_both_sides_and_undoes_the_lost_one(tmp_path: Path) -> None:
-    server = start_redis(tmp_path)
-    prefix, switches = fresh_prefix(), Switches()
-    store = failover_store(server, prefix, switches)
-    observer = RedisStore(server.url, prefix=prefix)
     now = time.time()
-    try:
+    async with failover_on(tmp_path) as (server, store, observer, switches):
         assert (await store.start("acct", "r1", 2, now, 60, 100.0, 100.0)).held
         server.pause()  # the next start times out on Redis (its script runs there later)
         assert (await store.start("acct", "l1", 2, now, 60, 100.0, 100.0)).held  # redone locally
@@ -485,11 +482,6 @@ async def test_failover_of_a_start_on_hang_counts_both_sides_and_undoes_the_lost
         assert await store.release_slot("acct", "l1") is True  # where it was granted: locally
         assert await store.release_slot("acct", "r1") is True
         assert await observer.in_flight("acct", now) == 0
-    finally:
-        server.resume()
-        await store.close()
-        await observer.close()
-        server.stop()
 
 
 async def test_commands_issued_together_go_to_redis_over_one_connection(redis_url: str) -> None:
