@@ -702,6 +702,10 @@ async def main_async(args: argparse.Namespace) -> int:
     print(table(results))
     print()
     print("\n".join(targets(results, soak)))
+    if args.redis:  # each time a set-up's limiter lost the shared state (FailoverStore's warning)
+        print("- left Redis for local limits: " + ", ".join(
+            f"{name} {(run_dir / f'extproc-{name}.log').read_text(errors='replace').count('using local limits')}x"
+            for name in args.setups if name.startswith("gateway")))
     print(f"\nlogs: {run_dir}")
     return 0
 
