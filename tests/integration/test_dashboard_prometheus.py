@@ -55,11 +55,12 @@ def test_prometheus_source_gives_the_same_panels(tmp_path):
                                        f"127.0.0.1:{env['CANARY_EXTPROC_ADMIN_PORT']}"])
     dashboard = None
     try:
-        prometheus.start()
         # Every series exists before the measured traffic (Prometheus cannot see the increase
-        # that creates a series), and Prometheus has scraped it.
+        # that creates a series) and before Prometheus's first scrape: a warm-up increase that
+        # Prometheus saw would count, spread over its rate window, in the dashboard's totals.
         traffic(stack, n=2)
-        time.sleep(3)
+        prometheus.start()
+        time.sleep(3)  # scraped a few times
         dashboard = subprocess.Popen(
             [ZAI_PROXY, "dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env={**stack.stack.env, "PROMETHEUS_URL": prometheus.url,
