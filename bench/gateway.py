@@ -63,10 +63,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from envoy_floor import write_floor, write_gateway  # noqa: E402
-from local_redis import LocalRedis  # noqa: E402
 from extproc.config import Settings  # noqa: E402
 from extproc.local.processes import (Child, FileSink, ProcessGroup, envoy_binary, free_port,  # noqa: E402
                                      wait_http_ok)
+from extproc.local.redis_server import RedisServer, start_redis  # noqa: E402
 from extproc.local.stack import Emulator, envoy_argv, start_emulator, start_extproc  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -174,7 +174,7 @@ def base_env(run_dir: Path, name: str, emulator: Emulator) -> dict[str, str]:
 
 
 async def start_setups(group: ProcessGroup, run_dir: Path, emulator: Emulator,
-                       names: list[str], redis: LocalRedis | None = None) -> dict[str, Setup]:
+                       names: list[str], redis: RedisServer | None = None) -> dict[str, Setup]:
     setups: dict[str, Setup] = {}
     for index, name in enumerate(SETUPS):
         if name not in names and name != "floor":  # the floor is every comparison's base
@@ -182,7 +182,7 @@ async def start_setups(group: ProcessGroup, run_dir: Path, emulator: Emulator,
         env = base_env(run_dir, name, emulator)
         if redis is not None and name.startswith("gateway"):
             # The limiter's state in Redis, as with several replicas; a database per set-up.
-            env["REDIS_URL"] = redis.url(index)
+            env["REDIS_URL"] = redis.database(index)
         if name.endswith("_inline"):
             env["RESPONSE_PROCESSING"] = "inline"
         if name == "gateway_2proc":
@@ -634,12 +634,12 @@ async def main_async(args: argparse.Namespace) -> int:
     group = ProcessGroup(sink)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     soak = None
-    redis: LocalRedis | None = None
+    redis: RedisServer | None = None
     scenarios = [s for s in SCENARIOS if not args.only or s.name in args.only]
     try:
         emu = await start_emulator(group, os.environ, EMULATOR_ARGS)
         emulator, emu_port = emu.child, emu.port
-        redis = LocalRedis(run_dir) if args.redis else None
+        redis = start_redis(run_dir) if args.redis else None
         setups = await start_setups(group, run_dir, emu, args.setups, redis)
         print(f"# run dir {run_dir}; pids: " + ", ".join(f"{c.name}={c.pid}" for c in group.children), flush=True)
         for sc in scenarios:

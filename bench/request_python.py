@@ -302,9 +302,10 @@ def main() -> None:
         return
     redis = None
     if args.redis:
-        from local_redis import LocalRedis  # bench/, beside this script
-        redis = LocalRedis(Path(tempfile.mkdtemp(prefix="zai-bench-redis-")))
-        os.environ["ZAI_BENCH_REDIS_URL"] = redis.url()  # the children's
+        sys.path.insert(0, str(ROOT))
+        from extproc.local.redis_server import start_redis
+        redis = start_redis(Path(tempfile.mkdtemp(prefix="zai-bench-redis-")))
+        os.environ["ZAI_BENCH_REDIS_URL"] = redis.url  # the children's
     try:
         run_children(args)
     finally:

@@ -112,14 +112,13 @@ class AccountLimiter:
         the whole admission); it is read first only before a refusal of this replica's own or a
         charge to a budget, which it must take precedence over."""
         self.admission.check_gate()
-        if not priority and self._reserve_breach() is not None:
-            await self._sync_gate()
-            self.admission.check_gate()
-            self._check_reserve(worker)
+        breach = None if priority or self.pacer is None else self.pacer.reserve_breach(self.wall())
+        if breach is not None:
+            await self._check_shared_gate()
+            self._refuse_reserved(worker, breach)
         budget = self.budget_for(worker)
         if budget is not None:
-            await self._sync_gate()
-            self.admission.check_gate()
+            await self._check_shared_gate()
             wait = await self.store.budget_take(
                 worker, budget.rpm, (budget.rpm or 0) / 60.0, budget.tpm, (budget.tpm or 0) / 60.0,
                 float(estimated_tokens) if budget.tpm else 0.0, self.wall())
@@ -130,14 +129,8 @@ class AccountLimiter:
                                f"({_describe(budget)}); retry after the time in retry-after.")
         return await self.admission.try_admit(worker)
 
-    def _reserve_breach(self) -> ReserveBreach | None:
-        return self.pacer.reserve_breach(self.wall()) if self.pacer is not None else None
-
-    def _check_reserve(self, worker: str) -> None:
+    def _refuse_reserved(self, worker: str, breach: ReserveBreach) -> None:
         """Past 100 - QUOTA_RESERVE_PERCENT of a window, only priority workers start requests."""
-        breach = self._reserve_breach()
-        if breach is None:
-            return
         left = max(0.0, 1.0 - breach.used)
         if breach.reset_at is not None:
             wait = max(1.0, breach.reset_at - self.wall())
@@ -212,14 +205,16 @@ class AccountLimiter:
         except StoreUnavailable:
             pass
 
-    async def _sync_gate(self) -> None:
-        """Adopt a gate another replica closed."""
+    async def _check_shared_gate(self) -> None:
+        """Rejected while the gate is closed here or, as the store says, by another replica
+        (adopted here)."""
         try:
             shared = await self.store.gate(self.account, self.wall())
         except StoreUnavailable:
-            return
+            shared = None
         if shared is not None:
             self.admission.adopt_gate(*shared)
+        self.admission.check_gate()
 
     # -- admin -------------------------------------------------------------------------------
 

@@ -64,6 +64,9 @@ class LocalStore:
         return True
 
     async def release_slot(self, account: str, lease_id: str) -> bool:
+        return self._release(account, lease_id)
+
+    def _release(self, account: str, lease_id: str) -> bool:
         leases = self._leases.get(account)
         if leases is None or leases.pop(lease_id, None) is None:
             return False
@@ -127,7 +130,7 @@ class LocalStore:
             return NO_ROOM
         wait = self._take_start(account, rate_per_second, burst, now)
         if wait > 0.0:
-            self._leases[account].pop(lease_id, None)
+            self._release(account, lease_id)
             return Start(False, wait)
         return STARTED
 

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -53,52 +54,54 @@ local function full_in_ms(tokens, cap, rate)
 end
 """
 
+# Shared Lua helpers of the slots and the start bucket (_ACQUIRE, _TAKE_START, _START).
+_SLOTS_LUA = _BUCKET_LUA + """
+local function hold(key, lease, now, ttl, grace_ms)
+  redis.call('ZADD', key, fmt(now + ttl), lease)
+  local keep = math.ceil(ttl * 1000) + grace_ms
+  if redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
+end
+local function take_start(key, rate, cap, now, grace_ms)
+  local tokens, updated = refill(key, 'tokens', 'updated', cap, rate, now)
+  local wait = wait_for(tokens, 1, rate)
+  if wait == 0 then tokens = tokens - 1 end
+  redis.call('HSET', key, 'tokens', fmt(tokens), 'updated', fmt(updated))
+  redis.call('PEXPIRE', key, full_in_ms(tokens, cap, rate) + grace_ms)
+  return wait
+end
+"""
+
 # KEYS: slots zset (member lease_id, score expiry). ARGV: lease_id, limit, now, ttl, grace_ms.
 # Unexpired leases count; a held unexpired lease is renewed without a check. 1 if held.
-_ACQUIRE = """
+_ACQUIRE = _SLOTS_LUA + """
 local key, lease = KEYS[1], ARGV[1]
 local limit, now, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local held = redis.call('ZSCORE', key, lease)
 if (not held) or tonumber(held) <= now then
   if redis.call('ZCOUNT', key, '(' .. ARGV[3], '+inf') >= limit then return 0 end
 end
-redis.call('ZADD', key, string.format('%.17g', now + ttl), lease)
-local keep = math.ceil(ttl * 1000) + tonumber(ARGV[5])
-if redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
+hold(key, lease, now, ttl, tonumber(ARGV[5]))
 return 1
 """
 
-# KEYS: bucket hash. ARGV: rate, capacity, now. Takes one token or nothing; returns the wait.
-_TAKE_START = _BUCKET_LUA + """
-local rate, cap, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local tokens, updated = refill(KEYS[1], 'tokens', 'updated', cap, rate, now)
-local wait = wait_for(tokens, 1, rate)
-if wait == 0 then tokens = tokens - 1 end
-redis.call('HSET', KEYS[1], 'tokens', fmt(tokens), 'updated', fmt(updated))
-redis.call('PEXPIRE', KEYS[1], full_in_ms(tokens, cap, rate) + tonumber(ARGV[4]))
-return fmt(wait)
+# KEYS: bucket hash. ARGV: rate, capacity, now, grace_ms. Takes one token or nothing; returns
+# the wait.
+_TAKE_START = _SLOTS_LUA + """
+return fmt(take_start(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])))
 """
 
 # KEYS: gate hash, slots zset, start bucket hash. ARGV: lease_id, limit, now, ttl, grace_ms, rate,
 # capacity. One admission (`LimiterStore.start`): _CLOSE_GATE's gate read, then _ACQUIRE for a new
 # lease and _TAKE_START, both or neither. Replies {'gate', until, info}, {'full'}, {'wait', wait}
 # or {'held'}.
-_START = _BUCKET_LUA + """
-local now = tonumber(ARGV[3])
+_START = _SLOTS_LUA + """
+local now, grace_ms = tonumber(ARGV[3]), tonumber(ARGV[5])
 local gate = redis.call('HMGET', KEYS[1], 'until', 'info')
 if gate[1] and tonumber(gate[1]) > now then return {'gate', gate[1], gate[2]} end
 if redis.call('ZCOUNT', KEYS[2], '(' .. ARGV[3], '+inf') >= tonumber(ARGV[2]) then return {'full'} end
-local rate, cap = tonumber(ARGV[6]), tonumber(ARGV[7])
-local tokens, updated = refill(KEYS[3], 'tokens', 'updated', cap, rate, now)
-local wait = wait_for(tokens, 1, rate)
-if wait == 0 then tokens = tokens - 1 end
-redis.call('HSET', KEYS[3], 'tokens', fmt(tokens), 'updated', fmt(updated))
-redis.call('PEXPIRE', KEYS[3], full_in_ms(tokens, cap, rate) + tonumber(ARGV[5]))
+local wait = take_start(KEYS[3], tonumber(ARGV[6]), tonumber(ARGV[7]), now, grace_ms)
 if wait > 0 then return {'wait', fmt(wait)} end
-local ttl = tonumber(ARGV[4])
-redis.call('ZADD', KEYS[2], fmt(now + ttl), ARGV[1])
-local keep = math.ceil(ttl * 1000) + tonumber(ARGV[5])
-if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) end
+hold(KEYS[2], ARGV[1], now, tonumber(ARGV[4]), grace_ms)
 return {'held'}
 """
 
@@ -212,14 +215,18 @@ class RedisStore:
 
     async def _script(self, source: str, keys: list[str], args: list[Any]) -> Any:
         sha = _SHAS[source]
+
+        def run(pipe: Pipeline) -> object:
+            return pipe.evalsha(sha, len(keys), *keys, *args)
+
         try:
-            return await self._run(lambda pipe: pipe.evalsha(sha, len(keys), *keys, *args))
+            return await self._run(run)
         except StoreUnavailable as exc:
             if not isinstance(exc.__cause__, NoScriptError):
                 raise
         # A restarted or flushed Redis lost the scripts: load this one, then run it again.
         await self._run(lambda pipe: pipe.script_load(source))
-        return await self._run(lambda pipe: pipe.evalsha(sha, len(keys), *keys, *args))
+        return await self._run(run)
 
     async def acquire_slot(self, account: str, lease_id: str, limit: int, now: float,
                            ttl: float) -> bool:
