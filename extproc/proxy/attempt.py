@@ -23,6 +23,7 @@ from typing import Callable, Mapping
 import orjson
 
 from extproc.limiter.signals import Signal, business_code, classify, retryable
+from extproc.proxy import header_names
 from extproc.proxy.answers import BodyChange, HeaderChanges
 from extproc.proxy.models import NOT_OURS, ModelRules, rewrite_async
 from extproc.proxy.upstream_errors import annotate
@@ -90,8 +91,8 @@ class AttemptSession:
 
     def on_response_headers(self, headers: Mapping[str, str], end_of_stream: bool) -> tuple[bool, tuple[tuple[str, str], ...]]:
         """(buffer the body?, headers to set now)."""
-        self.status = int(headers.get(":status", "0") or 0)
-        self.retry_after = headers.get("retry-after")
+        self.status = int(headers.get(header_names.STATUS, "0") or 0)
+        self.retry_after = headers.get(header_names.RETRY_AFTER)
         # Every refusal's body is read: its code decides the retry, and the client's copy gets
         # the gateway's hint.
         needs_body = self.status >= 400

@@ -19,6 +19,7 @@ from extproc.accounting.response_body import ResponseBody
 from extproc.accounting.usage import ResponseFacts
 from extproc.api import Endpoint
 from extproc.limiter.signals import Signal, classify
+from extproc.proxy import header_names
 from extproc.proxy.answers import BodyChange, HeaderChanges
 from extproc.proxy.gateway import Gateway
 from extproc.proxy.outcome import Outcome, Tokens
@@ -105,8 +106,8 @@ class RequestRecord:
     # -- response -----------------------------------------------------------------------------
 
     def on_response_headers(self, headers: Mapping[str, str], end_of_stream: bool) -> None:
-        self.status = int(headers.get(":status", "0") or 0)
-        streaming = "text/event-stream" in headers.get("content-type", "")
+        self.status = int(headers.get(header_names.STATUS, "0") or 0)
+        streaming = "text/event-stream" in headers.get(header_names.CONTENT_TYPE, "")
         self.response = ResponseBody(self.endpoint.api, streaming, self.usage_injected and streaming)
         if end_of_stream:
             self.response_ended = True

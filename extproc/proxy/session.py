@@ -25,6 +25,7 @@ from extproc.api import Api, Endpoint, Entrance, entrance_for_path, error_body
 from extproc.limiter.account import AccountLimiter
 from extproc.limiter.admission import Permit, Rejected
 from extproc.limiter.signals import Signal
+from extproc.proxy import header_names
 from extproc.proxy.answers import BodyChange, HeaderChanges, Hold, ImmediateReply
 from extproc.proxy.attempt import AttemptVerdict
 from extproc.proxy.keys import KeyUnavailable
@@ -44,11 +45,8 @@ NOT_FOUND = ("zai-proxy: no such endpoint. Use POST /api/anthropic/v1/messages (
 UPSTREAM_RESET_STATUS = 502
 UPSTREAM_RESET_WINDOW = 0.05
 
-# Claude Code names its conversation in this header; the usage record carries it.
-AGENT_SESSION_HEADER = "x-claude-code-session-id"
-
-# Headers the gateway uses internally to carry identity or variant: never accepted from clients.
-INTERNAL_HEADER_PREFIX = "x-zai-proxy-"
+AGENT_SESSION_HEADER = header_names.AGENT_SESSION
+INTERNAL_HEADER_PREFIX = header_names.INTERNAL_PREFIX
 
 # What a request's 2xx answer tells the limiter (failed attempts come from the attempt filter).
 SUCCESS = AttemptVerdict(Signal.SUCCESS, None, None, None)
@@ -56,10 +54,10 @@ SUCCESS = AttemptVerdict(Signal.SUCCESS, None, None, None)
 
 def client_token(headers: Mapping[str, str]) -> str | None:
     """The worker's credential: `x-api-key` (SDKs) or `Authorization: Bearer` (Claude Code)."""
-    key = headers.get("x-api-key")
+    key = headers.get(header_names.API_KEY)
     if key:
         return key.strip()
-    auth = headers.get("authorization", "")
+    auth = headers.get(header_names.AUTHORIZATION, "")
     scheme, _, value = auth.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
@@ -107,10 +105,10 @@ class RequestSession:
 
     def on_request_headers(self, headers: Mapping[str, str]) -> HeaderChanges | ImmediateReply:
         """The key swap (and who the worker is); admission follows in `request_headers`."""
-        entrance = self.entrance = entrance_for_path(headers.get(":path", "/"))
+        entrance = self.entrance = entrance_for_path(headers.get(header_names.PATH, "/"))
         record = self.record = RequestRecord(
             self.gateway, entrance.endpoint or Endpoint.UNKNOWN, "unknown",
-            headers.get("x-request-id", ""), self.gateway.clock(), went_upstream=False,
+            headers.get(header_names.REQUEST_ID, ""), self.gateway.clock(), went_upstream=False,
             agent_session=clean_session(headers.get(AGENT_SESSION_HEADER)))
         self.gateway.open.add(self)
         if entrance.endpoint is None:

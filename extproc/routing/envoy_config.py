@@ -27,6 +27,7 @@ import yaml
 
 from extproc.api import OPENAI_PATH_REGEX
 from extproc.config import Settings, UpstreamUrl, is_loopback
+from extproc.proxy import header_names
 from extproc.proxy.models import ModelRules
 from extproc.proxy.ticket import METADATA_NAMESPACE
 from extproc.variants import DEFAULT, Variant
@@ -142,6 +143,8 @@ def render(settings: Settings, replicas: Replicas | None = None) -> dict[str, An
     hcm["local_reply_config"]["mappers"].extend(local_reply_mappers(values))
     router = hcm["http_filters"][-1]["typed_config"]
     attempt_filters = router.pop("upstream_http_filters")
+    attempt_filters[0]["typed_config"]["extension_config"]["typed_config"]["forward_rules"] = \
+        forward_rules(header_names.ATTEMPT)
     if ModelRules.of(settings).active:
         _read_attempt_bodies(hcm, attempt_filters, values)
     clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
@@ -153,9 +156,13 @@ def render(settings: Settings, replicas: Replicas | None = None) -> dict[str, An
     _observer_connections(bootstrap["static_resources"]["clusters"], settings, replicas or {})
     for http_filter in hcm["http_filters"]:
         if http_filter["typed_config"]["@type"] == EXT_PROC_TYPE:
-            own = "extproc_observer" if http_filter["name"] == OBSERVER_FILTER else "extproc"
+            observer = http_filter["name"] == OBSERVER_FILTER
+            own = "extproc_observer" if observer else "extproc"
             http_filter["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = \
                 DEFAULT.suffixed(own)
+            http_filter["typed_config"]["forward_rules"] = (
+                forward_rules(header_names.OBSERVER) if observer else
+                forward_rules(header_names.REQUEST_FILTER, header_names.REQUEST_FILTER_PREFIXES))
     template_routes = hcm.pop("route_config")
     listener = bootstrap["static_resources"]["listeners"][0]
     bootstrap["static_resources"]["listeners"].extend(
@@ -166,6 +173,13 @@ def render(settings: Settings, replicas: Replicas | None = None) -> dict[str, An
         "path_config_source": {"path": f"{directory}/{ROUTES_FILE}",
                                "watched_directory": {"path": directory}}}}
     return bootstrap
+
+
+def forward_rules(names: Sequence[str], prefixes: Sequence[str] = ()) -> dict[str, Any]:
+    """An ext_proc filter's `forward_rules`: only the headers its stream reads reach the
+    ext_proc (extproc/proxy/header_names.py). Pseudo-headers are matched by name, like others."""
+    patterns = [{"exact": name} for name in names] + [{"prefix": prefix} for prefix in prefixes]
+    return {"allowed_headers": {"patterns": patterns}}
 
 
 def _read_attempt_bodies(hcm: dict[str, Any], attempt_filters: list[dict[str, Any]],
