@@ -111,9 +111,10 @@ def _fixture() -> tuple[Any, Any, Any, bytes, list[bytes]]:
         return pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
             base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()]))
 
+    # The headers Envoy forwards to each stream (extproc/proxy/header_names.py) of what
+    # bench/gateway.py sends.
     request_headers = pb.ProcessingRequest(request_headers=headers({
-        ":path": "/api/anthropic/v1/messages?beta=true", ":method": "POST",
-        "authorization": "Bearer bench-worker-token", "content-type": "application/json",
+        ":path": "/api/anthropic/v1/messages?beta=true", "authorization": "Bearer bench-worker-token",
         "x-request-id": "0f3c9a52-5d1e-4b7a-9c2e-6a8b1d4e7f90"}))
     body = json.dumps({"model": MODEL, "max_tokens": 1024, "stream": True,
                        "messages": [{"role": "user", "content": "hello " * 40}]}).encode()
@@ -221,8 +222,7 @@ def measure_phases(number: int, repeat: int) -> dict[str, float]:
     from extproc.server import Service
 
     settings, headers, request_headers, body, events = _fixture()
-    response_headers = headers({":status": "200", "content-type": "text/event-stream",
-                                "cache-control": "no-cache"})
+    response_headers = headers({":status": "200", "content-type": "text/event-stream"})
     chunk, clock = b"".join(events), time.process_time
 
     async def one(gateway: Any, spent: list[float]) -> None:
