@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -23,6 +24,8 @@ CLAIM_TTL_SECONDS = 3600.0
 # Once the request filter has settled a request, its claim only refuses strays (a duplicate
 # outcome handed over late, which comes within milliseconds) for this long.
 SETTLED_CLAIM_TTL_SECONDS = 10.0
+# Requests decided in memory at most (admitted and not ended, plus the recently settled).
+MAX_LOCAL_CLAIMS = 200_000
 
 class Estimator(Protocol):
     """Token counting (tiktoken, cached, off the event loop for large inputs)."""
@@ -39,13 +42,34 @@ class ClaimStore(Protocol):
 
 class Claims:
     """Who records a request: the first stream to claim its session, in the state store that
-    every replica of the account shares (Redis), or in-process when there is only one."""
+    every replica of the account shares (Redis), or in-process when there is only one.
+
+    A request whose observer stream lands in the process that admitted it (one process per
+    variant; the admission process of observer processes, which claims for them; one stream in
+    N over N replicas) is decided in memory: its request filter says it expects the claim here
+    (`expect`), the observer's claim and the request filter's settle then never reach the store.
+    Only a request whose two streams landed in two processes is decided by the store: once its
+    request filter has settled without a claim here, nothing about it is decided here any more."""
 
     def __init__(self, store: ClaimStore, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.clock = clock
+        # Session -> claimed here yet; the settled ones (True) with their expiry, oldest first.
+        self._here: dict[str, bool] = {}
+        self._settled: OrderedDict[str, float] = OrderedDict()
+
+    def expect(self, session: str) -> None:
+        """The request filter here admitted `session`: an observer stream here claims it here."""
+        if len(self._here) < MAX_LOCAL_CLAIMS:  # past it (streams never ended): the store decides
+            self._here[session] = False
 
     async def claim(self, session: str) -> bool:
+        claimed = self._here.get(session)
+        if claimed is not None:
+            self._here[session] = True
+            return not claimed
+        if self._settled and self._refused(session):
+            return False
         return await self.store.claim(f"record:{session}", self.clock(), CLAIM_TTL_SECONDS)
 
     async def settle(self, session: str) -> bool:
@@ -53,8 +77,28 @@ class Claims:
         (after which nobody asks), so the claim is kept only SETTLED_CLAIM_TTL_SECONDS more:
         otherwise every request's claim would stay in the store for CLAIM_TTL_SECONDS
         (in-process ~200 bytes a request, for an hour)."""
+        claimed = self._here.pop(session, None)
+        if claimed:  # by an observer stream here; a stray claim later is refused here
+            now = self.clock()
+            self._prune(now)
+            self._settled[session] = now + SETTLED_CLAIM_TTL_SECONDS
+            return True
         return await self.store.settle_claim(f"record:{session}", self.clock(),
                                              SETTLED_CLAIM_TTL_SECONDS)
+
+    def _refused(self, session: str) -> bool:
+        """A stray claim of a request settled here (a late duplicate): refused while its settled
+        claim lasts, as the store refuses one."""
+        self._prune(self.clock())
+        return session in self._settled
+
+    def _prune(self, now: float) -> None:
+        settled = self._settled
+        while settled:
+            oldest, expiry = next(iter(settled.items()))
+            if expiry > now and len(settled) < MAX_LOCAL_CLAIMS:
+                break
+            del settled[oldest]
 
 
 def _local_claims() -> Claims:

@@ -253,6 +253,9 @@ class HandoffClaims(Claims):
     def __init__(self, sender: Sender) -> None:
         self.sender = sender
 
+    def expect(self, session: str) -> None:
+        pass  # an observer process admits nothing
+
     async def claim(self, session: str) -> bool:
         self.sender.send(Message(CLAIM, session))
         return True

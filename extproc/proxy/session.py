@@ -167,6 +167,8 @@ class RequestSession:
                              record.started, record.agent_session)
         if self.permit is not None:
             self.gateway.admitted[self.session_id] = self.upstream_answered
+        if not self.inline:  # an observer stream here decides who records it without the store
+            self.gateway.claims.expect(self.session_id)
         return answer
 
     def _limiter(self) -> AccountLimiter | None:
