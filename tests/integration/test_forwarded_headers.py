@@ -26,13 +26,13 @@ from extproc.routing.envoy_config import write
 CLIENT_EXTRAS = {"user-agent": "claude-cli/2.0 (external, cli)", "x-stainless-lang": "js",
                  "x-stainless-os": "Linux", "anthropic-beta": "interleaved-thinking-2025-05-14",
                  "x-app": "cli"}
-ANSWERS = {
-    "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
-    "request_body": pb.ProcessingResponse(request_body=pb.BodyResponse()),
-    "response_headers": pb.ProcessingResponse(response_headers=pb.HeadersResponse()),
-    "response_body": pb.ProcessingResponse(response_body=pb.BodyResponse()),
-    "response_trailers": pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),
-}
+
+
+def empty_answer(phase: str) -> pb.ProcessingResponse:
+    """The answer to `phase` that changes nothing (the response field of the same name, empty)."""
+    answer = pb.ProcessingResponse()
+    getattr(answer, phase).SetInParent()
+    return answer
 
 
 class Spy(pb_grpc.ExternalProcessorServicer):
@@ -47,7 +47,7 @@ class Spy(pb_grpc.ExternalProcessorServicer):
                 headers = getattr(request, phase).headers.headers
                 self.seen[(kind, phase)].update(h.key for h in headers)
             if kind != "observer":  # the observer's copies are not answered
-                yield ANSWERS[phase]
+                yield empty_answer(phase)
 
 
 async def _scenario(tmp_path) -> dict[tuple[str, str], set[str]]:
