@@ -11,6 +11,7 @@ from extproc.accounting.request_body import RequestInfo
 from extproc.api import Api
 from extproc.limiter.account import AccountLimiter
 from extproc.limiter.signals import Signal
+from extproc.limiter.stores.local import MAX_CLAIMS, LocalStore, expire_front
 from extproc.proxy.attempt import AttemptVerdict
 from extproc.proxy.keys import UpstreamKey, WorkerKeys
 from extproc.proxy.models import ModelRules
@@ -24,8 +25,6 @@ CLAIM_TTL_SECONDS = 3600.0
 # Once the request filter has settled a request, its claim only refuses strays (a duplicate
 # outcome handed over late, which comes within milliseconds) for this long.
 SETTLED_CLAIM_TTL_SECONDS = 10.0
-# Requests decided in memory at most (admitted and not ended, plus the recently settled).
-MAX_LOCAL_CLAIMS = 200_000
 
 class Estimator(Protocol):
     """Token counting (tiktoken, cached, off the event loop for large inputs)."""
@@ -60,7 +59,7 @@ class Claims:
 
     def expect(self, session: str) -> None:
         """The request filter here admitted `session`: an observer stream here claims it here."""
-        if len(self._here) < MAX_LOCAL_CLAIMS:  # past it (streams never ended): the store decides
+        if len(self._here) < MAX_CLAIMS:  # past it (streams never ended): the store decides
             self._here[session] = False
 
     async def claim(self, session: str) -> bool:
@@ -80,7 +79,7 @@ class Claims:
         claimed = self._here.pop(session, None)
         if claimed:  # by an observer stream here; a stray claim later is refused here
             now = self.clock()
-            self._prune(now)
+            expire_front(self._settled, now)
             self._settled[session] = now + SETTLED_CLAIM_TTL_SECONDS
             return True
         return await self.store.settle_claim(f"record:{session}", self.clock(),
@@ -89,21 +88,11 @@ class Claims:
     def _refused(self, session: str) -> bool:
         """A stray claim of a request settled here (a late duplicate): refused while its settled
         claim lasts, as the store refuses one."""
-        self._prune(self.clock())
+        expire_front(self._settled, self.clock())
         return session in self._settled
-
-    def _prune(self, now: float) -> None:
-        settled = self._settled
-        while settled:
-            oldest, expiry = next(iter(settled.items()))
-            if expiry > now and len(settled) < MAX_LOCAL_CLAIMS:
-                break
-            del settled[oldest]
 
 
 def _local_claims() -> Claims:
-    from extproc.limiter.stores.local import LocalStore
-
     return Claims(LocalStore())
 
 

@@ -45,9 +45,6 @@ NOT_FOUND = ("zai-proxy: no such endpoint. Use POST /api/anthropic/v1/messages (
 UPSTREAM_RESET_STATUS = 502
 UPSTREAM_RESET_WINDOW = 0.05
 
-AGENT_SESSION_HEADER = header_names.AGENT_SESSION
-INTERNAL_HEADER_PREFIX = header_names.INTERNAL_PREFIX
-
 # What a request's 2xx answer tells the limiter (failed attempts come from the attempt filter).
 SUCCESS = AttemptVerdict(Signal.SUCCESS, None, None, None)
 
@@ -109,7 +106,7 @@ class RequestSession:
         record = self.record = RequestRecord(
             self.gateway, entrance.endpoint or Endpoint.UNKNOWN, "unknown",
             headers.get(header_names.REQUEST_ID, ""), self.gateway.clock(), went_upstream=False,
-            agent_session=clean_session(headers.get(AGENT_SESSION_HEADER)))
+            agent_session=clean_session(headers.get(header_names.AGENT_SESSION)))
         self.gateway.open.add(self)
         if entrance.endpoint is None:
             return self._reply(404, "not_found", NOT_FOUND)
@@ -272,7 +269,7 @@ class RequestSession:
     # -- helpers ---------------------------------------------------------------------------------
 
     def _auth_changes(self, headers: Mapping[str, str], key: str) -> HeaderChanges:
-        internal = tuple(name for name in headers if name.startswith(INTERNAL_HEADER_PREFIX))
+        internal = tuple(name for name in headers if name.startswith(header_names.INTERNAL_PREFIX))
         # Bodies must stay readable for token accounting.
         identity = ("accept-encoding", "identity")
         # A trailing or repeated slash is taken off: the route and Z.AI know the bare path.

@@ -87,8 +87,8 @@ class LocalStore:
         return len(expired)
 
     async def claim(self, key: str, now: float, ttl: float) -> bool:
-        _expire_front(self._claims, now)
-        _expire_front(self._settled, now)
+        expire_front(self._claims, now)
+        expire_front(self._settled, now)
         if self._claims.get(key, 0.0) > now or self._settled.get(key, 0.0) > now:
             return False
         self._claims[key] = now + ttl
@@ -206,9 +206,9 @@ class LocalStore:
         return None
 
 
-def _expire_front(expiries: "OrderedDict[str, float]", now: float) -> None:
+def expire_front(expiries: "OrderedDict[str, float]", now: float) -> None:
     """Expired entries leave from the front (one TTL for all entries of a dict), and the oldest
-    past MAX_CLAIMS."""
+    past MAX_CLAIMS. (Also the in-memory claims' settled entries: `proxy.gateway.Claims`.)"""
     while expiries:
         oldest, expiry = next(iter(expiries.items()))
         if expiry > now and len(expiries) < MAX_CLAIMS:
