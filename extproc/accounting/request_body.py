@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import orjson
+from stringzilla import Str
 
 from extproc.api import Api
 
@@ -141,7 +142,7 @@ def peek_request(body: bytes, session_known: bool = False) -> RequestPeek:
     `session_known`: the request's header named the session already (Claude Code sends it), so
     the body is not searched for one (that search costs ~0.2 ms on a 300 KB conversation)."""
     match = _MODEL_FIRST.match(body)
-    if match is not None and (session_known or b'"user_id"' not in body):
+    if match is not None and (session_known or not mentions_user_id(body)):
         raw = match.group(1)
         if b"\\" not in raw:
             try:
@@ -161,6 +162,18 @@ def peek_request(body: bytes, session_known: bool = False) -> RequestPeek:
         return RequestPeek(None, None)
     model = doc.get("model")
     return RequestPeek(model if isinstance(model, str) else None, agent_session_of(doc))
+
+
+# The key `metadata.user_id` needs, as it must appear outside strings (inside one its quotes are
+# escaped): a body without it has no session to read.
+_USER_ID_KEY = b'"user_id"'
+
+
+def mentions_user_id(body: bytes) -> bool:
+    """Whether `body` may carry a `user_id` member. StringZilla's SIMD search, as `bytes.find`
+    barely skips on JSON (quotes and common letters fill its skip filter): 18 vs 143 µs for a
+    300 KB conversation (bench/RESULTS.md, issue 16, ninth session). `Str` is a view, no copy."""
+    return Str(body).find(_USER_ID_KEY) >= 0
 
 
 # Claude Code's `metadata.user_id`: `user_<hash>_account_<uuid>_session_<uuid>`.

@@ -9,7 +9,8 @@ from hypothesis import given, settings, strategies as st
 from extproc.api import Api
 from extproc.accounting.request_body import (IMAGE_TOKENS, MESSAGE_OVERHEAD_TOKENS, PDF_MIN_TOKENS,
                                   REPLY_PRIMING_TOKENS, RequestPeek, compact_json, parse_request,
-                                  parse_request_async, pdf_tokens, peek_request)
+                                  mentions_user_id, parse_request_async, pdf_tokens,
+                                  peek_request)
 from spies import SpyExecutor
 
 
@@ -369,6 +370,23 @@ def test_peek_reads_the_model_and_session_parse_reads(data):
     assert (peek.model, peek.agent_session) == (info.model, info.agent_session)
     # With the session known from the header, the model is still the parse's.
     assert peek_request(body, session_known=True).model == info.model
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=300), st.binary(max_size=300), st.integers(min_value=0, max_value=3))
+def test_the_user_id_search_finds_what_bytes_find_does(head, tail, copies):
+    """The SIMD search agrees with `bytes.find` wherever the key sits (start, end, straddling
+    nothing, repeated, cut short) and on any bytes around it."""
+    for body in (head + b'"user_id"' * copies + tail, head + b'"user_id'[:copies + 4] + tail,
+                 b'"user_id"'[copies:] + head):
+        assert mentions_user_id(body) is (b'"user_id"' in body)
+
+
+def test_the_user_id_search_over_a_long_conversation():
+    text = json.dumps({"model": "m", "messages": [{"role": "user", "content": 'say "user_id" ' * 20_000}]})
+    body = text.encode()  # quoted inside a string: escaped, so not the key
+    assert not mentions_user_id(body)
+    assert mentions_user_id(body[:-1] + b',"metadata":{"user_id":"u"}}')
 
 
 def test_peek_of_a_body_that_is_not_an_object():
