@@ -631,6 +631,12 @@ class Settings:
         "CANARY_STATE_FILE=/var/lib/zai-proxy-canary/state.json",
         "Where `zai-proxy canary rollout` keeps its state (step, last verdict, next decision): "
         "what it resumes from, and what the dashboard shows.", shown_default=_CANARY_STATE_SHOWN)
+    canary_state_url: str | None = setting(
+        "CANARY_STATE_URL", parse_base_url, None,
+        "CANARY_STATE_URL=http://zai-proxy-canary-controller:9109/state",
+        "Where the dashboard reads the rollout's state when it cannot read `CANARY_STATE_FILE` "
+        "(in Kubernetes the file is on the controller's own volume): the controller's `/state` on "
+        "`CANARY_METRICS_PORT`. Set, it replaces the file for the dashboard.")
     canary_audit_file: str = setting(
         "CANARY_AUDIT_FILE", parse_text, DEFAULT_CANARY_AUDIT,
         "CANARY_AUDIT_FILE=/var/lib/zai-proxy-canary/audit.jsonl",
@@ -638,8 +644,8 @@ class Settings:
         "when, from what to what, why.", shown_default=_CANARY_AUDIT_SHOWN)
     canary_metrics_port: int = setting(
         "CANARY_METRICS_PORT", parse_optional_port, "0", "CANARY_METRICS_PORT=9109",
-        "Port where `zai-proxy canary rollout` serves its own `/metrics` (`zai_proxy_canary_*`); "
-        "`0` = none.")
+        "Port where `zai-proxy canary rollout` serves its own `/metrics` (`zai_proxy_canary_*`) and "
+        "its state file on `/state` (the dashboard's `CANARY_STATE_URL`); `0` = none.")
     routes_configmap: tuple[str | None, str] | None = setting(
         "ROUTES_CONFIGMAP", parse_configmap, None, "ROUTES_CONFIGMAP=zai-proxy/zai-proxy-routes",
         "In a pod: `zai-proxy weights` and `canary` change the split in this ConfigMap "

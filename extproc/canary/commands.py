@@ -135,6 +135,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     from extproc.canary.audit import AuditLog, who
     from extproc.canary.controller import Controller
     from extproc.canary.metrics import CanaryMetrics
+    from extproc.canary.port import serve as serve_port
     from extproc.canary.routes import ConfigMapRoutes
     from extproc.canary.rollout import Plan
     from extproc.canary.statefile import RolloutLock, StateFile
@@ -154,8 +155,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     with RolloutLock(states.path):
-        if port:
-            metrics.serve(port)
+        if port:  # the series, and the state for a dashboard that cannot read the file
+            serve_port(port, "0.0.0.0", metrics.registry, states.path)  # noqa: S104 - a pod's port
         if args.release == "":
             json_log("rollout idle", reason="no release to roll out (--release / CANARY_RELEASE "
                      "is empty); the split is left as it is")

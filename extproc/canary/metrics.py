@@ -1,11 +1,11 @@
-"""The rollout controller's own series, on its metrics port (`CANARY_METRICS_PORT`, `/metrics`).
+"""The rollout controller's own series, on its port (`CANARY_METRICS_PORT`, `/metrics`: port.py).
 
 Every series exists from the start (counters at 0), so `increase()` sees the first rollback.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from extproc.canary.analysis import VERDICTS, Report
 from extproc.canary.rollout import PHASES, ROLLBACK, Decision, State
@@ -42,9 +42,6 @@ class CanaryMetrics:
             self.rollbacks.labels(cause)
         for phase in PHASES:
             self.phase.labels(phase)
-
-    def serve(self, port: int, address: str = "0.0.0.0") -> None:  # noqa: S104 - a pod's port
-        start_http_server(port, address, registry=self.registry)
 
     def report(self, report: Report) -> None:
         self.verdicts.labels(OVERALL, report.verdict).inc()

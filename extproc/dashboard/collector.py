@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from extproc.dashboard import panels
@@ -34,11 +34,16 @@ class Source(Protocol):
     async def close(self) -> None: ...
 
 
+
+async def _no_rollout() -> Reading:
+    return Reading(None)
+
+
 class Collector:
     def __init__(self, source: Source, history: History, db: DbThread, hub: Hub, interval: int,
                  weights: Callable[[], dict[str, float] | None] = lambda: None,
                  clock: Callable[[], float] = time.time,
-                 rollout: Callable[[], Reading] = lambda: Reading(None),
+                 rollout: Callable[[], Awaitable[Reading]] | None = None,
                  rollout_name: str = "rollout state file") -> None:
         self.source = source
         self.history = history
@@ -47,7 +52,7 @@ class Collector:
         self.interval = interval
         self.weights = weights
         self.clock = clock
-        self.rollout = rollout
+        self.rollout = rollout or _no_rollout
         self.rollout_name = rollout_name  # its key in the status document's `errors`
         self.live = panels.Live(source.kind, list(source.variants))
         self.doc: dict[str, Any] | None = None  # the latest status document
@@ -65,7 +70,7 @@ class Collector:
             # ext_procs started just before the dashboard (as `zai-proxy up` starts them): what
             # they counted meanwhile is new.
             deltas.watching_since = now - max(60.0, 3.0 * self.interval)
-        self._read_rollout()
+        await self._read_rollout()
         self.doc = await self.db.run(self._status, self.clock())
 
     async def run(self) -> None:
@@ -102,7 +107,7 @@ class Collector:
         self.live.gauges = collection.gauges
         self.live.errors = dict(collection.errors)
         self.live.weights = self.weights()
-        self._read_rollout()
+        await self._read_rollout()
         doc = await self.db.run(self._status, float(t))
         self.doc = doc
         self.hub.publish(frame("update", doc))
@@ -110,10 +115,10 @@ class Collector:
         self.updated = asyncio.Event()
         return doc
 
-    def _read_rollout(self) -> None:
-        """The canary rollout's state file, read afresh (a bad one is no rollout, said once)."""
+    async def _read_rollout(self) -> None:
+        """The canary rollout's state, read afresh (a bad one is no rollout, said once)."""
         try:
-            reading = self.rollout()
+            reading = await self.rollout()
         except Exception as exc:  # noqa: BLE001 - the rollout never stops the collection
             reading = Reading(None, f"cannot be read ({type(exc).__name__}: {exc})")
         self.live.rollout = reading.rollout

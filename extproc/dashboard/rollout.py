@@ -1,8 +1,11 @@
 """The canary rollout as the dashboard shows it: `zai-proxy canary rollout`'s state file
 (CANARY_STATE_FILE; its shape is `extproc.canary.rollout.State.to_json()`), re-read at every
 collection and turned into the status document's `rollout` (see the README's Dashboard section).
+Where the dashboard cannot see that file (Kubernetes: it is on the controller's own volume), the
+same bytes come from the controller's `/state` (CANARY_STATE_URL; `extproc.canary.port`).
 
-No file: no rollout (`None`). A file that is no rollout state (not JSON, another schema, not an
+No file (a 404 from the controller): no rollout (`None`). A controller that cannot be reached
+is no rollout either, with the reason. A file that is no rollout state (not JSON, another schema, not an
 object) is no rollout either, with a one-line reason for the status document's `errors`; a field
 of the wrong type is left out (`None`), never a crash: the rollout writes the file atomically, but
 people edit files too.
@@ -10,18 +13,22 @@ people edit files too.
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from extproc.canary.rollout import PHASES, SCHEMA
 
 MAX_BYTES = 1 << 20  # a state file is a few kB; anything far bigger is not one
+FETCH_TIMEOUT_SECONDS = 5.0  # the controller's /state: well inside a collection interval
 MAX_REASONS = 20
 MAX_TEXT = 2000
 
@@ -145,6 +152,11 @@ def read(path: str | Path) -> Reading:
         return Reading(None, "is a directory, not a rollout state file")
     except OSError as exc:
         return Reading(None, f"cannot be read ({exc.strerror or exc})")
+    return judge(raw)
+
+
+def judge(raw: bytes) -> Reading:
+    """The rollout in a state file's bytes, wherever they were read."""
     if len(raw) > MAX_BYTES:
         return Reading(None, f"is over {MAX_BYTES >> 10} kB: not a rollout state")
     if not raw.strip():
@@ -161,5 +173,29 @@ def read(path: str | Path) -> Reading:
         return Reading(None, f"is not a rollout state ({type(exc).__name__}: {exc})")
 
 
-def reader(path: str | Path) -> Callable[[], Reading]:
-    return lambda: read(path)
+async def fetch(url: str, timeout: float = FETCH_TIMEOUT_SECONDS) -> Reading:
+    """The rollout the controller serves at `url` (its `/state`), fetched now."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+            async with http.get(url, allow_redirects=False) as response:
+                if response.status == 404:
+                    return Reading(None)  # the controller has no rollout state yet
+                if response.status != 200:
+                    return Reading(None, f"answered HTTP {response.status}")
+                raw = await response.content.read(MAX_BYTES + 1)
+    except asyncio.TimeoutError:
+        return Reading(None, f"cannot be fetched (no answer within {timeout:g} s)")
+    except aiohttp.ClientError as exc:
+        return Reading(None, f"cannot be fetched ({type(exc).__name__}: {exc})")
+    return judge(raw)
+
+
+def reader(path: str | Path) -> Callable[[], Awaitable[Reading]]:
+    """The file at `path`, read afresh at every call (a few kB, on the loop)."""
+    async def read_now() -> Reading:
+        return read(path)
+    return read_now
+
+
+def url_reader(url: str) -> Callable[[], Awaitable[Reading]]:
+    return lambda: fetch(url)

@@ -17,7 +17,7 @@ from extproc.lifecycle import cancel_and_wait
 from extproc.dashboard.collector import Collector
 from extproc.dashboard.events import Hub
 from extproc.dashboard.history import DbThread, History, Reader, connect
-from extproc.dashboard.rollout import reader as rollout_reader
+from extproc.dashboard.rollout import reader as rollout_reader, url_reader
 from extproc.dashboard.server import build_app
 from extproc.dashboard.sources import ExtprocSource, PrometheusSource, discover
 
@@ -80,8 +80,9 @@ async def serve(settings: Settings, ready: Callable[[str], None] | None = None) 
         source = ExtprocSource(discover(settings), interval)
     hub = Hub()
     collector = Collector(source, history, writer, hub, interval, weights=routes_weights(settings),
-                          rollout=rollout_reader(settings.canary_state_file),
-                          rollout_name=settings.canary_state_file)
+                          rollout=(url_reader(settings.canary_state_url) if settings.canary_state_url
+                                   else rollout_reader(settings.canary_state_file)),
+                          rollout_name=settings.canary_state_url or settings.canary_state_file)
     await collector.start()
     app = build_app(collector, reader, reader_db, hub, settings.dashboard_token, interval)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)

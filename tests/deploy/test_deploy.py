@@ -35,6 +35,7 @@ import tomllib
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -1324,6 +1325,20 @@ def test_dashboard_reads_prometheus_keeps_its_history_and_needs_its_token(builds
     assert routes.get("readOnly") is True
     assert volume_named(spec, routes["name"])["configMap"]["name"] == "zai-proxy-routes"
     assert ("ConfigMap", "zai-proxy-routes") in everything
+    # The rollout from the controller's /state: its Service, on the port its pod serves it on
+    # (the state file itself is on the controller's ReadWriteOnce volume).
+    from extproc.canary.port import STATE_PATH
+    state_url = urlsplit(settings.canary_state_url or "")
+    assert state_url.path == STATE_PATH
+    canary_controller = by_kind_name(builds["canary-controller"])
+    controller = canary_controller[("Service", state_url.hostname)]
+    [controller_port] = [p for p in controller["spec"]["ports"] if p["port"] == state_url.port]
+    controller_pod = canary_controller[("Deployment", "zai-proxy-canary-controller")]["spec"]["template"]
+    assert selects(controller["spec"]["selector"], controller_pod["metadata"]["labels"])
+    [controller_container] = controller_pod["spec"]["containers"]
+    controller_env = {e["name"]: e["value"] for e in controller_container["env"]}
+    served = {p["name"]: p["containerPort"] for p in controller_container["ports"]}
+    assert served[controller_port["targetPort"]] == int(controller_env["CANARY_METRICS_PORT"])
     # Port, probes and Service.
     ports = {p["name"]: p["containerPort"] for p in dashboard["ports"]}
     assert ports["http"] == settings.dashboard_port
