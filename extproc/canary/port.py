@@ -9,6 +9,7 @@ exactly as it judges the file); no file yet is a 404. Nothing in the state is se
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from pathlib import Path
@@ -31,19 +32,23 @@ def state_app(state_file: Path, fallback: WsgiApp) -> WsgiApp:
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != STATE_PATH:
             return fallback(environ, start_response)
-        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
-            return _answer(start_response, "405 Method Not Allowed", b'{"error": "GET only"}\n')
+        if environ.get("REQUEST_METHOD") != "GET":
+            return _answer(start_response, "405 Method Not Allowed", _error("GET only"))
         try:
             with state_file.open("rb") as f:
                 body = f.read(MAX_STATE_BYTES + 1)
         except FileNotFoundError:
-            return _answer(start_response, "404 Not Found", b'{"error": "no rollout state yet"}\n')
+            return _answer(start_response, "404 Not Found", _error("no rollout state yet"))
         except OSError as exc:
             return _answer(start_response, "503 Service Unavailable",
-                           f'{{"error": "the state file cannot be read: {exc.strerror or "error"}"}}\n'.encode())
+                           _error(f"the state file cannot be read: {exc.strerror or exc}"))
         return _answer(start_response, "200 OK", body)
 
     return app
+
+
+def _error(message: str) -> bytes:
+    return json.dumps({"error": message}).encode() + b"\n"
 
 
 def _answer(start_response: StartResponse, status: str, body: bytes) -> list[bytes]:

@@ -182,12 +182,16 @@ async def fetch(url: str, timeout: float = FETCH_TIMEOUT_SECONDS) -> Reading:
                     return Reading(None)  # the controller has no rollout state yet
                 if response.status != 200:
                     return Reading(None, f"answered HTTP {response.status}")
-                raw = await response.content.read(MAX_BYTES + 1)
+                raw = bytearray()
+                async for chunk in response.content.iter_any():
+                    raw += chunk
+                    if len(raw) > MAX_BYTES:  # judged as too big; the rest is not read
+                        break
     except asyncio.TimeoutError:
         return Reading(None, f"cannot be fetched (no answer within {timeout:g} s)")
     except aiohttp.ClientError as exc:
         return Reading(None, f"cannot be fetched ({type(exc).__name__}: {exc})")
-    return judge(raw)
+    return judge(bytes(raw))
 
 
 def reader(path: str | Path) -> Callable[[], Awaitable[Reading]]:

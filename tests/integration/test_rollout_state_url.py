@@ -73,7 +73,7 @@ async def test_the_dashboard_reads_the_controllers_state_as_it_reads_the_file(co
         assert b"zai_proxy_canary_weight_percent 5.0" in response.read()
 
 
-def test_the_state_is_read_only_and_bounded(controller_port):
+async def test_the_state_is_read_only_and_bounded(controller_port):
     base, states, _ = controller_port
     states.save(started(time.time()))
     with urllib.request.urlopen(base + STATE_PATH, timeout=5) as response:
@@ -88,6 +88,7 @@ def test_the_state_is_read_only_and_bounded(controller_port):
     states.path.write_bytes(b" " * (dash_rollout.MAX_BYTES + 10) + b"{}")
     with urllib.request.urlopen(base + STATE_PATH, timeout=5) as response:
         assert len(response.read()) == dash_rollout.MAX_BYTES + 1
+    assert "over" in ((await dash_rollout.fetch(base + STATE_PATH)).error or "")
 
 
 async def test_an_unreachable_controller_is_no_rollout_with_the_reason():
