@@ -19,8 +19,9 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from extproc.canary.statefile import MAX_STATE_BYTES
+
 STATE_PATH = "/state"
-MAX_STATE_BYTES = 1 << 20  # the dashboard refuses more (extproc.dashboard.rollout.MAX_BYTES)
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]

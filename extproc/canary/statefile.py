@@ -16,6 +16,10 @@ from typing import Any
 
 from extproc.canary.rollout import RolloutError, State
 
+# A state file is a few kB; anything far bigger is not one (the dashboard refuses it, the
+# controller's /state serves no more).
+MAX_STATE_BYTES = 1 << 20
+
 
 class StateFile:
     def __init__(self, path: str | Path) -> None:

@@ -34,7 +34,6 @@ class Source(Protocol):
     async def close(self) -> None: ...
 
 
-
 async def _no_rollout() -> Reading:
     return Reading(None)
 
@@ -43,7 +42,7 @@ class Collector:
     def __init__(self, source: Source, history: History, db: DbThread, hub: Hub, interval: int,
                  weights: Callable[[], dict[str, float] | None] = lambda: None,
                  clock: Callable[[], float] = time.time,
-                 rollout: Callable[[], Awaitable[Reading]] | None = None,
+                 rollout: Callable[[], Awaitable[Reading]] = _no_rollout,
                  rollout_name: str = "rollout state file") -> None:
         self.source = source
         self.history = history
@@ -52,7 +51,7 @@ class Collector:
         self.interval = interval
         self.weights = weights
         self.clock = clock
-        self.rollout = rollout or _no_rollout
+        self.rollout = rollout
         self.rollout_name = rollout_name  # its key in the status document's `errors`
         self.live = panels.Live(source.kind, list(source.variants))
         self.doc: dict[str, Any] | None = None  # the latest status document

@@ -4,11 +4,11 @@ collection and turned into the status document's `rollout` (see the README's Das
 Where the dashboard cannot see that file (Kubernetes: it is on the controller's own volume), the
 same bytes come from the controller's `/state` (CANARY_STATE_URL; `extproc.canary.port`).
 
-No file (a 404 from the controller): no rollout (`None`). A controller that cannot be reached
-is no rollout either, with the reason. A file that is no rollout state (not JSON, another schema, not an
-object) is no rollout either, with a one-line reason for the status document's `errors`; a field
-of the wrong type is left out (`None`), never a crash: the rollout writes the file atomically, but
-people edit files too.
+No file (a 404 from the controller): no rollout (`None`). A controller that cannot be reached,
+or a file that is no rollout state (not JSON, another schema, not an object), is no rollout
+either, with a one-line reason for the status document's `errors`; a field of the wrong type is
+left out (`None`), never a crash: the rollout writes the file atomically, but people edit files
+too.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 import aiohttp
 
 from extproc.canary.rollout import PHASES, SCHEMA
+from extproc.canary.statefile import MAX_STATE_BYTES as MAX_BYTES
 
-MAX_BYTES = 1 << 20  # a state file is a few kB; anything far bigger is not one
 FETCH_TIMEOUT_SECONDS = 5.0  # the controller's /state: well inside a collection interval
 MAX_REASONS = 20
 MAX_TEXT = 2000

@@ -79,10 +79,11 @@ async def serve(settings: Settings, ready: Callable[[str], None] | None = None) 
     else:
         source = ExtprocSource(discover(settings), interval)
     hub = Hub()
+    # The rollout from the controller's /state where it is set (Kubernetes), else from the file.
+    state_url = settings.canary_state_url
+    rollout = url_reader(state_url) if state_url else rollout_reader(settings.canary_state_file)
     collector = Collector(source, history, writer, hub, interval, weights=routes_weights(settings),
-                          rollout=(url_reader(settings.canary_state_url) if settings.canary_state_url
-                                   else rollout_reader(settings.canary_state_file)),
-                          rollout_name=settings.canary_state_url or settings.canary_state_file)
+                          rollout=rollout, rollout_name=state_url or settings.canary_state_file)
     await collector.start()
     app = build_app(collector, reader, reader_db, hub, settings.dashboard_token, interval)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
