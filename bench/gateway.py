@@ -18,6 +18,9 @@ set-ups, which run side by side, each with its own ports:
 - gateway_2proc: the gateway with EXTPROC_PROCESSES=2 (issue 16): an admission process and an
                observer process taking the observer's copies on EXTPROC_OBSERVER_PORT; its ext_proc
                CPU and RSS are both processes' (the admission process and its children).
+- passthrough_shadow (only by name, a diagnosis): the pass-through running, at the end of each
+               request, the gateway's own Python for one synthetic request in its loop
+               (bench/passthrough.py --shadow): what that Python costs live, without gRPC of its own.
 
 With `--redis`, a redis-server is started too and every gateway set-up keeps the limiter's state
 there (REDIS_URL, a database each), as replicas sharing one account do; its CPU is not counted.
@@ -73,9 +76,10 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MARK = b"event: content_block_delta"
 PATH = "/api/anthropic/v1/messages?beta=true"
 SETUPS = ("floor", "passthrough", "gateway", "gateway_2proc", "passthrough_inline", "gateway_inline",
-          "gateway_before")
-# gateway_before: the ext_proc of another checkout (--before DIR), for before/after in one run.
-DEFAULT_SETUPS = tuple(s for s in SETUPS if s != "gateway_before")
+          "gateway_before", "passthrough_shadow")
+# gateway_before: the ext_proc of another checkout (--before DIR), for before/after in one run;
+# passthrough_shadow: a diagnosis (what the gateway's Python costs live), asked for by name.
+DEFAULT_SETUPS = tuple(s for s in SETUPS if s not in ("gateway_before", "passthrough_shadow"))
 ENVOY_ARGS = ("--concurrency", "2")  # after the local stack's Envoy command line
 EMULATOR_ARGS = ("--log-level", "WARNING", "--input-tokens", "1000")
 
@@ -203,7 +207,8 @@ async def start_setups(group: ProcessGroup, run_dir: Path, emulator: Emulator,
                 argv=[sys.executable, str(ROOT / "bench" / "passthrough.py"),
                       "--port", str(settings.extproc_grpc_port),
                       *(["--observer-port", str(settings.extproc_observer_port)]
-                        if settings.extproc_observer_port else [])])
+                        if settings.extproc_observer_port else []),
+                      *(["--shadow"] if name == "passthrough_shadow" else [])])
         elif name.startswith("gateway"):
             # gateway_before: the same command, importing `extproc` from the other checkout first.
             argv = None if name != "gateway_before" else [
@@ -583,6 +588,14 @@ def targets(results: dict[str, dict[str, dict[str, Any]]], soak: dict[str, Any] 
                     lines.append(f"- ext_proc CPU per request ({name}), gateway / gateway_before: "
                                  f"{paired(s, gw, 'gateway_before', 'extproc_cpu_ms_per_1k_req'):.2f}x; "
                                  f"req/s {paired(s, gw, 'gateway_before', 'req_per_s'):.2f}x")
+        if gw == "gateway":
+            for name, s in results.items():
+                if {"passthrough_shadow", pt, gw} <= s.keys() and "extproc_cpu_ms_per_1k_req" in s[gw]:
+                    shadow = paired(s, "passthrough_shadow", pt, "extproc_cpu_ms_per_1k_req", diff=True)
+                    whole = paired(s, gw, pt, "extproc_cpu_ms_per_1k_req", diff=True)
+                    lines.append(f"- ext_proc CPU per request ({name}), the gateway's Python alone, live "
+                                 f"(passthrough_shadow minus pass-through): {shadow / 1e3:+.2f} ms; the "
+                                 f"gateway minus pass-through: {whole / 1e3:+.2f} ms")
         c = results.get("c1000", {}).get(gw)
         if c:
             lines.append(f"- ext_proc RSS at 1,000 open streams{tag}: {c['extproc_rss_max_mb']:.1f} MB (≤ 200) "

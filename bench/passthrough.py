@@ -8,9 +8,15 @@ observer's copies of bodies (observability mode) are read and not answered, as E
 health check on the `extproc_*` clusters passes exactly as with the real ext_proc. Same runtime
 as the real one: grpc.aio on uvloop, same message size limits.
 
-    .venv/bin/python bench/passthrough.py --port 50051 [--observer-port 50053]
+    .venv/bin/python bench/passthrough.py --port 50051 [--observer-port 50053] [--shadow]
 
 Used by `bench/gateway.py` (set-up "passthrough"); it prints one JSON line with the port when ready.
+
+`--shadow` (set-up "passthrough_shadow", a diagnosis): at the end of each request's observer
+stream it also runs the gateway's own Python for one synthetic request, in this process's loop
+(`bench/request_python.py`'s driver: the real servicer, limiter, record and metrics, fed by
+in-memory streams, no gRPC). The CPU it adds to the pass-through is what the gateway's Python costs
+live, beside real gRPC traffic, without anything else of the gateway.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import AsyncIterator
 
 import grpc
@@ -41,7 +48,31 @@ _ANSWERS = {
 }
 
 
+class Shadow:
+    """The gateway's Python for one synthetic request per real one (`--shadow`)."""
+
+    def __init__(self) -> None:
+        from request_python import _fixture, request_driver  # bench/, beside this script
+        from extproc.proxy.servicer import ExternalProcessor
+        from extproc.server import Service
+
+        settings, headers, request_headers, body, events = _fixture()
+        self.service = Service(settings)
+        self._drive = request_driver(ExternalProcessor(self.service.gateway, self.service.on_stream),
+                                     headers, request_headers, body)
+        self._chunks = [b"".join(events)]  # as sat_short's responses arrive: in one chunk
+        self._running: set[asyncio.Future[None]] = set()
+
+    def one(self) -> None:
+        task = asyncio.ensure_future(self._drive(self._chunks))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+
 class PassThrough(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, shadow: Shadow | None = None) -> None:
+        self.shadow = shadow
+
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
         answers = _ANSWERS
@@ -51,6 +82,8 @@ class PassThrough(pb_grpc.ExternalProcessorServicer):
             async for request in request_iterator:
                 phase = request.WhichOneof("request")
                 if phase == "response_body" and request.response_body.end_of_stream:
+                    if self.shadow is not None:
+                        self.shadow.one()
                     return
                 if phase == "response_headers" and request.response_headers.end_of_stream:
                     return
@@ -59,10 +92,14 @@ class PassThrough(pb_grpc.ExternalProcessorServicer):
             yield answers[request.WhichOneof("request")]
 
 
-async def serve(host: str, port: int, max_message: int, observer_port: int | None = None) -> None:
+async def serve(host: str, port: int, max_message: int, observer_port: int | None = None,
+                shadow: bool = False) -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message),
                                       ("grpc.max_send_message_length", max_message)])
-    pb_grpc.add_ExternalProcessorServicer_to_server(PassThrough(), server)
+    the_shadow = Shadow() if shadow else None
+    if the_shadow is not None:
+        await the_shadow.service.limiter.start()
+    pb_grpc.add_ExternalProcessorServicer_to_server(PassThrough(the_shadow), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
@@ -78,6 +115,8 @@ async def serve(host: str, port: int, max_message: int, observer_port: int | Non
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(grace=1)
+    if the_shadow is not None:
+        await the_shadow.service.limiter.stop()
 
 
 def main() -> int:
@@ -87,12 +126,16 @@ def main() -> int:
     parser.add_argument("--max-message-bytes", type=int, default=33554432 + 65536)
     parser.add_argument("--observer-port", type=int, default=None,
                         help="also serve the observer's copies here (EXTPROC_OBSERVER_PORT)")
+    parser.add_argument("--shadow", action="store_true",
+                        help="diagnosis: also run the gateway's Python for a synthetic request per request")
     args = parser.parse_args()
+    if args.shadow:  # the gateway's code and the driver beside this script
+        sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
     if os.environ.get("ZAI_BENCH_LOOP") == "asyncio":  # diagnosis: the stock event loop
-        asyncio.run(serve(args.host, args.port, args.max_message_bytes, args.observer_port))
+        asyncio.run(serve(args.host, args.port, args.max_message_bytes, args.observer_port, args.shadow))
         return 0
     import uvloop  # the production ext_proc runs on uvloop too
-    uvloop.run(serve(args.host, args.port, args.max_message_bytes, args.observer_port))
+    uvloop.run(serve(args.host, args.port, args.max_message_bytes, args.observer_port, args.shadow))
     return 0
 
 

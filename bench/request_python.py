@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from observer_stream import child, events as sse_events, print_table  # bench/: the script's folder
 
@@ -121,14 +121,48 @@ def _fixture() -> tuple[Any, Any, Any, bytes, list[bytes]]:
     return settings, headers, request_headers, body, sse_events(16)
 
 
+def request_driver(servicer: Any, headers: Any, request_headers: Any, body: bytes,
+                   traffic: _Traffic | None = None) -> Callable[[list[bytes]], Awaitable[None]]:
+    """What drives `servicer` through one admitted request whose response comes in `chunks`, as
+    Envoy's streams do: the request filter's stream (held open until the request ends), then the
+    observer's, with the ticket forwarded in every observer message."""
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from extproc.proxy.servicer import OBSERVER_METADATA
+    from extproc.proxy.ticket import METADATA_NAMESPACE
+
+    async def one(chunks: list[bytes]) -> None:
+        ended, answers = asyncio.Event(), []
+
+        async def request_filter() -> None:
+            async for answer in servicer.Process(_stream([request_headers], ended, traffic),
+                                                 _Context(())):
+                answers.append(answer)
+
+        task = asyncio.ensure_future(request_filter())
+        while not answers:
+            await asyncio.sleep(0)
+        ticket = answers[0].dynamic_metadata.fields.get(METADATA_NAMESPACE)
+        observed = [pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)),
+                    pb.ProcessingRequest(response_headers=headers(
+                        {":status": "200", "content-type": "text/event-stream"}))]
+        observed += [pb.ProcessingRequest(response_body=pb.HttpBody(
+            body=chunk, end_of_stream=i == len(chunks) - 1)) for i, chunk in enumerate(chunks)]
+        for message in observed:  # Envoy forwards the ticket with every observer message
+            if ticket is not None:
+                message.metadata_context.filter_metadata[METADATA_NAMESPACE].CopyFrom(ticket.struct_value)
+        async for _ in servicer.Process(_stream(observed, None, traffic), _Context((OBSERVER_METADATA,))):
+            pass
+        ended.set()
+        await task
+    return one
+
+
 def measure(kind: str, number: int, repeat: int, only: str | None = None,
             in_flight: int = 0, concurrent: int = 1, cold: int = 0) -> dict[str, float]:
     """CPU µs per request for each response shape, with the `extproc` first on sys.path."""
-    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-
     from extproc.limiter.stores.failover import FailoverStore
-    from extproc.proxy.servicer import OBSERVER_METADATA, ExternalProcessor
-    from extproc.proxy.ticket import METADATA_NAMESPACE
+    from extproc.proxy.servicer import ExternalProcessor
     from extproc.server import Service
 
     settings, headers, request_headers, body, events = _fixture()
@@ -150,30 +184,7 @@ def measure(kind: str, number: int, repeat: int, only: str | None = None,
         else:
             servicer = ExternalProcessor(service.gateway, service.on_stream)
 
-        async def one(chunks: list[bytes]) -> None:
-            ended, answers = asyncio.Event(), []
-
-            async def request_filter() -> None:
-                async for answer in servicer.Process(_stream([request_headers], ended, traffic),
-                                                     _Context(())):
-                    answers.append(answer)
-
-            task = asyncio.ensure_future(request_filter())
-            while not answers:
-                await asyncio.sleep(0)
-            ticket = answers[0].dynamic_metadata.fields.get(METADATA_NAMESPACE)
-            observed = [pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)),
-                        pb.ProcessingRequest(response_headers=headers(
-                            {":status": "200", "content-type": "text/event-stream"}))]
-            observed += [pb.ProcessingRequest(response_body=pb.HttpBody(
-                body=chunk, end_of_stream=i == len(chunks) - 1)) for i, chunk in enumerate(chunks)]
-            for message in observed:  # Envoy forwards the ticket with every observer message
-                if ticket is not None:
-                    message.metadata_context.filter_metadata[METADATA_NAMESPACE].CopyFrom(ticket.struct_value)
-            async for _ in servicer.Process(_stream(observed, None, traffic), _Context((OBSERVER_METADATA,))):
-                pass
-            ended.set()
-            await task
+        one = request_driver(servicer, headers, request_headers, body, traffic)
 
         # Requests admitted and not over while the measured ones pass (as at 1,000 open streams):
         # what costs more per request the more there are in flight shows here.
