@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import inspect
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -96,6 +98,7 @@ def _fixture() -> tuple[Any, Any, Any, bytes, list[bytes]]:
     from extproc.telemetry import logs
 
     state = tempfile.mkdtemp(prefix="zai-bench-python-")
+    atexit.register(shutil.rmtree, state, ignore_errors=True)
     settings = Settings.from_env({
         "ZAI_API_KEY": "bench-upstream-key-0123456789", "LIMITER_STATE_FILE": f"{state}/limiter.json",
         "ENVOY_ROUTES_DIR": f"{state}/routes", "LOG_LEVEL": "INFO",
