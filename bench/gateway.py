@@ -588,8 +588,6 @@ def targets(results: dict[str, dict[str, dict[str, Any]]], soak: dict[str, Any] 
                     lines.append(f"- ext_proc CPU per request ({name}), gateway / gateway_before: "
                                  f"{paired(s, gw, 'gateway_before', 'extproc_cpu_ms_per_1k_req'):.2f}x; "
                                  f"req/s {paired(s, gw, 'gateway_before', 'req_per_s'):.2f}x")
-        if gw == "gateway":
-            for name, s in results.items():
                 if {"passthrough_shadow", pt, gw} <= s.keys() and "extproc_cpu_ms_per_1k_req" in s[gw]:
                     shadow = paired(s, "passthrough_shadow", pt, "extproc_cpu_ms_per_1k_req", diff=True)
                     whole = paired(s, gw, pt, "extproc_cpu_ms_per_1k_req", diff=True)

@@ -129,8 +129,8 @@ def main() -> int:
     parser.add_argument("--shadow", action="store_true",
                         help="diagnosis: also run the gateway's Python for a synthetic request per request")
     args = parser.parse_args()
-    if args.shadow:  # the gateway's code and the driver beside this script
-        sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+    if args.shadow:  # this checkout's gateway (the driver, beside this script, is on the path)
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     if os.environ.get("ZAI_BENCH_LOOP") == "asyncio":  # diagnosis: the stock event loop
         asyncio.run(serve(args.host, args.port, args.max_message_bytes, args.observer_port, args.shadow))
         return 0
