@@ -14,7 +14,7 @@ Used by `bench/gateway.py` (set-up "passthrough"); it prints one JSON line with 
 
 `--shadow` (set-up "passthrough_shadow", a diagnosis): at the end of each request's observer
 stream it also runs the gateway's own Python for one synthetic request, in this process's loop
-(`bench/request_python.py`'s driver: the real servicer, limiter, record and metrics, fed by
+(`bench/synthetic.py`'s driver: the real servicer, limiter, record and metrics, fed by
 in-memory streams, no gRPC). The CPU it adds to the pass-through is what the gateway's Python costs
 live, beside real gRPC traffic, without anything else of the gateway.
 """
@@ -52,11 +52,11 @@ class Shadow:
     """The gateway's Python for one synthetic request per real one (`--shadow`)."""
 
     def __init__(self) -> None:
-        from request_python import _fixture, request_driver  # bench/, beside this script
+        from synthetic import fixture, request_driver  # bench/, beside this script
         from extproc.proxy.servicer import ExternalProcessor
         from extproc.server import Service
 
-        settings, headers, request_headers, body, events = _fixture()
+        settings, headers, request_headers, body, events = fixture()
         self.service = Service(settings)
         self._drive = request_driver(ExternalProcessor(self.service.gateway, self.service.on_stream),
                                      headers, request_headers, body)
