@@ -49,6 +49,17 @@ const state = {
 const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => [...root.querySelectorAll(sel)];
 
+// A panel whose text stays put between updates (the rollout's, for minutes) is rebuilt only when
+// its markup changes: rebuilding it on every live update would drop a reader's text selection and
+// blank its countdown each few seconds. True when it was rebuilt.
+const shownHtml = new WeakMap();
+function setHtml(el, html) {
+  if (shownHtml.get(el) === html) return false;
+  shownHtml.set(el, html);
+  el.innerHTML = html;
+  return true;
+}
+
 function esc(text) {
   return String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 }
@@ -583,8 +594,8 @@ function renderRollout() {
   if (!r) {
     el.dataset.phase = "none";
     el.hidden = !variantsKnown().includes("canary");
-    el.innerHTML = `<span class="ro-title">Rollout</span>
-      <span class="muted" data-testid="rollout-none">no rollout <span class="sub">(no state file from <code>zai-proxy canary rollout</code>)</span></span>`;
+    setHtml(el, `<span class="ro-title">Rollout</span>
+      <span class="muted" data-testid="rollout-none">no rollout <span class="sub">(no state file from <code>zai-proxy canary rollout</code>)</span></span>`);
     return;
   }
   el.hidden = false;
@@ -657,7 +668,8 @@ function renderRollout() {
       <span data-testid="rollout-decision-reason" data-value="${esc(d.reason || "")}" title="${esc(d.reason || "")}">${esc(said)}</span>
       ${num(d.at) ? `<span class="muted">${esc(clock(d.at))}</span>` : ""}
     </div>` : "";
-  el.innerHTML = head + why + verdict + decision;
+  // A rebuilt countdown shows its time at once, not "–" until the next tick.
+  if (setHtml(el, head + why + verdict + decision)) tickCountdowns();
 }
 
 // ---- charts ------------------------------------------------------------------------------------
