@@ -10,6 +10,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Coroutine
 
 from extproc.config import ConfigError, Settings
 from extproc.variants import Variant
@@ -20,11 +21,11 @@ except ImportError:  # pragma: no cover - uvloop is a declared dependency
     uvloop = None  # type: ignore[assignment]
 
 
-def _run(coro: object) -> None:
+def _run(coro: Coroutine[Any, Any, object]) -> None:
     if uvloop is not None:
-        uvloop.run(coro)  # type: ignore[arg-type]
+        uvloop.run(coro)
     else:
-        asyncio.run(coro)  # type: ignore[arg-type]
+        asyncio.run(coro)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -120,7 +120,7 @@ class SseParser:
         self._search = search - event_start
         return events
 
-    def _field(self, line: bytes) -> None:
+    def _field(self, line: bytes | bytearray) -> None:
         if line[0] == 0x3A:  # ":" starts a comment
             return
         name, colon, value = line.partition(b":")

@@ -279,7 +279,9 @@ class OpenAIStream:
         return True
 
     def delivered_text(self) -> str:
-        return "".join(_openai_choices_text(_loads(raw), "delta") for raw in self._deltas.parts)
+        # Only events' data is kept here (no whole chunks: `feed_whole` declines them).
+        return "".join(_openai_choices_text(_loads(raw), "delta")
+                       for raw in self._deltas.parts if isinstance(raw, bytes))
 
 
 def facts_from_json(api: Api, body: bytes) -> tuple[ResponseFacts, str]:

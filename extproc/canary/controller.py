@@ -38,6 +38,12 @@ def unavailable(reason: str, window: float, now: float) -> Report:
     return Report(INCONCLUSIVE, (check,), window, now, 0, 0)
 
 
+def _sleep(seconds: float) -> bool:
+    """The default wait: sleeps, and never asks the rollout to stop."""
+    time.sleep(seconds)
+    return False
+
+
 @dataclass
 class Controller:
     plan: Plan
@@ -53,7 +59,7 @@ class Controller:
     metrics: CanaryMetrics | None = None
     clock: Callable[[], float] = time.time
     # wait(seconds) -> True when the rollout must stop (SIGTERM); the default never stops.
-    wait: Callable[[float], bool] = field(default=lambda s: (time.sleep(s), False)[1])
+    wait: Callable[[float], bool] = _sleep
     new_id: Callable[[float], str] = new_rollout_id
     stopped: bool = False
 

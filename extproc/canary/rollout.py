@@ -230,8 +230,9 @@ def apply(state: State, decision: Decision, report: Report | None, now: float) -
     """The state after `decision` was carried out (its weight change made, if any)."""
     plan = state.plan
     verdict = report.summary() if report is not None else state.last_verdict
-    common = dict(updated_at=now, last_verdict=verdict, pending=None, reason=decision.reason,
-                  last_decision={**decision.as_dict(), "at": iso(now)})
+    common: dict[str, Any] = dict(updated_at=now, last_verdict=verdict, pending=None,
+                                  reason=decision.reason,
+                                  last_decision={**decision.as_dict(), "at": iso(now)})
     if decision.action == STEP:
         started = now + plan.settle
         last = decision.to_weight >= plan.steps[-1]

@@ -97,7 +97,7 @@ class Collector:
         self._report("; ".join(f"{k}: {v}" for k, v in sorted(collection.errors.items())) or None)
         await self.db.run(self.history.record, t, collection.ticks, collection.baselines)
         if self.collections % 60 == 0 and hasattr(self.source, "deltas"):
-            gone = self.source.deltas.forget_older_than(t - FORGET_REPLICAS_AFTER)  # type: ignore[attr-defined]
+            gone = self.source.deltas.forget_older_than(t - FORGET_REPLICAS_AFTER)
             if gone:
                 await self.db.run(self.history.forget_replicas, gone)
         self.collections += 1

@@ -338,7 +338,7 @@ class History(Reader):
             self.conn.execute("PRAGMA synchronous = OFF")
 
     @property
-    def watermark(self) -> int:  # type: ignore[override]
+    def watermark(self) -> int:
         return self._mark
 
     def _setup(self) -> None:

@@ -155,10 +155,11 @@ def variant_panel(minute: Mapping[Key, Total], gauges: Mapping[Key, float],
     gate_until = gauges.get(("gate_until",))
     ceiling = gauges.get(("ceiling",))
     return {
-        "rps": {cls: rate(_sum(minute, "req", lambda k, c=cls: k[1] == c)) for cls in ("2xx", "4xx", "5xx")},
+        # Each predicate is used up by _sum before the loop moves on: no late binding to fear.
+        "rps": {cls: rate(_sum(minute, "req", lambda k: k[1] == cls)) for cls in ("2xx", "4xx", "5xx")},
         "latency": {"p50": p50, "p95": p95, "p99": p99},
         "ttft": {"p50": t50, "p95": t95},
-        "tokens_per_s": {d: rate(_sum(minute, "tok", lambda k, d=d: k[2] == d)) for d in DIRECTIONS},
+        "tokens_per_s": {d: rate(_sum(minute, "tok", lambda k: k[2] == d)) for d in DIRECTIONS},
         "tokens_by_model": {m: rate(v) for m, v in sorted(models.items(), key=lambda kv: -kv[1])},
         "cost_usd": {name: _r(_sum(totals, "cost")) for name, totals in costs.items()},
         "limiter": {

@@ -110,8 +110,8 @@ def summary(doc: Any) -> Reading:
     phase = doc.get("phase")
     if phase not in PHASES:
         return Reading(None, f"has phase {phase!r}, not one of {', '.join(PHASES)}")
-    plan = doc.get("plan") if isinstance(doc.get("plan"), dict) else {}
-    ts = doc.get("ts") if isinstance(doc.get("ts"), dict) else {}
+    plan: dict[str, Any] = doc["plan"] if isinstance(doc.get("plan"), dict) else {}
+    ts: dict[str, Any] = doc["ts"] if isinstance(doc.get("ts"), dict) else {}
     raw_steps = doc.get("steps", plan.get("steps"))
     steps = [s for s in (_int(x) for x in raw_steps) if s is not None] if isinstance(raw_steps, list) else []
     finished = phase != "running"

@@ -151,7 +151,7 @@ def build_app(collector: "Collector", reader: Reader, reader_db: DbThread, hub: 
                                                  interval))
 
     async def events(request: web.Request) -> web.StreamResponse:
-        viewer = hub.subscribe(request.transport)  # type: ignore[arg-type]
+        viewer = hub.subscribe(request.transport)
         if viewer is None:
             return json_response({"error": "too many live viewers; try again later"}, 503)
         response = web.StreamResponse(headers={

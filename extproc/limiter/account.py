@@ -141,7 +141,7 @@ class AccountLimiter:
         raise Rejected("reserve", wait,
                        f"zai-proxy: the account's {breach.window} quota window is "
                        f"{breach.used:.0%} used ({left:.0%} left) and the last "
-                       f"{self.pacer.reserve:.0%} is reserved for priority workers; worker "
+                       f"{breach.reserve:.0%} is reserved for priority workers; worker "
                        f"{worker!r} is not one. {when[0].upper()}{when[1:]}; retry after "
                        f"retry-after, or ask the operator to mark this worker as priority.")
 

@@ -99,7 +99,7 @@ class Admission:
         self._pumping = False
         self._pump_again = False
         self._timer: asyncio.TimerHandle | None = None
-        self._background: set[asyncio.Future[object]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -155,7 +155,8 @@ class Admission:
     def check_gate(self) -> None:
         retry_after = self.gate.check(self.wall())
         if retry_after is not None:
-            raise self._reject("quota", retry_after, "zai-proxy: " + self.gate.reason())
+            reason = self.gate.reason() or "the account is closed"  # closed: it has a reason
+            raise self._reject("quota", retry_after, "zai-proxy: " + reason)
 
     async def _try_start(self, worker: str) -> Permit | None:
         """A permit if the store grants a start (a slot and a start token), else None: the

@@ -88,6 +88,7 @@ class ReserveBreach:
     window: str
     used: float  # share used now
     reset_at: float | None
+    reserve: float  # the share kept for priority workers, which `used` reached
 
 
 class Pacer:
@@ -132,5 +133,5 @@ class Pacer:
             if window.reset_at is not None and now >= window.reset_at:
                 continue
             if used >= 1.0 - self.reserve and (worst is None or used > worst.used):
-                worst = ReserveBreach(name, used, window.reset_at)
+                worst = ReserveBreach(name, used, window.reset_at, self.reserve)
         return worst

@@ -64,7 +64,8 @@ def annotate(body: bytes, status: int, code: str | None, suggested_model: str | 
     error = doc.get("error") if isinstance(doc, dict) else None
     if not isinstance(error, dict):
         return None
-    message = error.get("message") if isinstance(error.get("message"), str) else ""
+    raw = error.get("message")
+    message = raw if isinstance(raw, str) else ""
     if HINT_PREFIX in message:
         return None
     error["message"] = f"{message} {HINT_PREFIX}{hint}]".strip()

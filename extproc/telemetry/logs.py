@@ -66,7 +66,7 @@ def redact_bytes(data: bytes, secrets: Iterable[str]) -> bytes:
     return data
 
 
-class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _LineHandler(logging.StreamHandler):
     """The process's handler: before any line of its own, the usage lines still waiting for
     the end of their event-loop turn go out, so the log keeps the order things happened in."""
 
@@ -118,11 +118,11 @@ def flush_lines() -> None:
         return
     data = _waiting[0] if len(_waiting) == 1 else b"".join(_waiting)
     _waiting.clear()
-    with handler.lock:
+    with handler.lock:  # type: ignore[union-attr]  # Handler.__init__ always makes it
         _write(handler, data)
 
 
-def _write(handler: logging.StreamHandler, data: bytes) -> None:  # type: ignore[type-arg]
+def _write(handler: logging.StreamHandler, data: bytes) -> None:
     """One `write` to the stream's file descriptor: the handler flushes after every line it
     writes, so nothing of its own waits in the stream's buffer to be overtaken. A stream without
     one (a test's capture) takes the text."""

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.values import MutexValue
 
 from extproc import __version__
+from extproc.limiter.admission import AdmissionHooks
 from extproc.limiter.codes import CODES
 from extproc.limiter.signals import classify
 from extproc.proxy.outcome import Outcome
@@ -98,7 +99,7 @@ class Metrics:
                 self._model_labels[model] = label
         return label
 
-    def _child(self, metric: Counter | Histogram, *values: str):  # type: ignore[no-untyped-def]
+    def _child(self, metric: Counter | Histogram, *values: str) -> Any:
         key = (id(metric), values)
         child = self._cache.get(key)
         if child is None:
@@ -274,9 +275,7 @@ class LimiterMetrics:
                                 "for the limiter.", ("deployment_variant", "signal"), registry=registry)
         self._registry = registry
 
-    def hooks(self) -> "AdmissionHooks":  # noqa: F821
-        from extproc.limiter.admission import AdmissionHooks
-
+    def hooks(self) -> AdmissionHooks:
         return AdmissionHooks(
             queue_wait=_observer(self.queue_wait),
             rejected=lambda reason: self.rejections.labels(self.variant, reason).inc(),
@@ -303,12 +302,13 @@ class _LimiterCollector:
         ("queued", "zai_proxy_rate_limit_queue_depth", "Requests waiting for admission."),
     )
 
-    def __init__(self, variant: str, state, shared) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, variant: str, state: Callable[[], dict[str, Any]],
+                 shared: Callable[[], bool]) -> None:
         self.variant = variant
         self.state = state
         self.shared = shared
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterable[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
         state = self.state()
@@ -326,7 +326,7 @@ class _LimiterCollector:
         family = GaugeMetricFamily("zai_proxy_rate_limit_quota_gate_reopens_at_seconds",
                                    "Unix time the quota gate reopens; 0 when open.",
                                    labels=["deployment_variant"])
-        family.add_metric([self.variant], float(gate["until"]) if gate else 0.0)  # type: ignore[index]
+        family.add_metric([self.variant], float(gate["until"]) if gate else 0.0)
         yield family
         family = GaugeMetricFamily("zai_proxy_rate_limit_shared_state",
                                    "1 when limits are shared through Redis, 0 on local limits.",
@@ -343,7 +343,7 @@ class QuotaCollector:
         self.variant = variant
         self.state = state
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterable[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
         state = self.state()
@@ -397,7 +397,7 @@ class WorkerQueueCollector:
         self.waiting = waiting
         self.label = label
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterable[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
         family = GaugeMetricFamily("zai_proxy_worker_queued",

@@ -44,7 +44,8 @@ class StoreUnavailable(RuntimeError):
 
 @runtime_checkable
 class LimiterStore(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     async def acquire_slot(self, account: str, lease_id: str, limit: int, now: float,
                            ttl: float) -> bool:
