@@ -150,7 +150,8 @@ def proportion_check(name: str, what: str, bad_c: float, n_c: float, bad_p: floa
         f">prod+{100 * max_increase:g} pts" if max_increase is not None else "") if x)
     shown_c = f"{_pct(xc / nc) if nc else '-'} ({xc}/{nc})"
     shown_p = f"{_pct(xp / np_) if np_ else '-'} ({xp}/{np_})"
-    values: dict[str, Any] = {"canary_bad": xc, "canary_total": nc, "production_bad": xp, "production_total": np_}
+    values: dict[str, Any] = {"canary_bad": xc, "canary_total": nc, "production_bad": xp,
+                              "production_total": np_}
     row: dict[str, Any] = dict(canary=shown_c, production=shown_p, limit=limit, values=values)
     if nc < minimum:
         return CheckResult(name, INCONCLUSIVE, _too_few(nc, minimum), **row)
@@ -197,9 +198,9 @@ def quantile_check(name: str, what: str, canary: Sequence[tuple[float, float]],
     q_c = stats.histogram_quantile(0.95, canary) if n_c else float("nan")
     q_p = stats.histogram_quantile(0.95, production) if n_p else float("nan")
     limit_text = f">{max_factor:g}x prod and >{min_seconds:g} s"
-    row: dict[str, Any] = dict(canary=f"{_seconds(q_c)} (n={n_c})", production=f"{_seconds(q_p)} (n={n_p})",
-               limit=limit_text, values={"canary_p95": q_c, "production_p95": q_p,
-                                         "canary_count": n_c, "production_count": n_p})
+    row: dict[str, Any] = dict(
+        canary=f"{_seconds(q_c)} (n={n_c})", production=f"{_seconds(q_p)} (n={n_p})", limit=limit_text,
+        values={"canary_p95": q_c, "production_p95": q_p, "canary_count": n_c, "production_count": n_p})
     if n_c == 0 and n_p == 0:
         return CheckResult(name, SKIP, f"no {what} observed in either variant", **row)
     if n_c < minimum:
@@ -233,8 +234,9 @@ def estimated_share_check(c: VariantSample, p: VariantSample, max_increase: floa
     name = "estimated_share"
     share_c = c.tokens_estimated / c.tokens if c.tokens else float("nan")
     share_p = p.tokens_estimated / p.tokens if p.tokens else float("nan")
-    row: dict[str, Any] = dict(canary=_pct(share_c), production=_pct(share_p), limit=f">prod+{100 * max_increase:g} pts",
-               values={"canary_share": share_c, "production_share": share_p})
+    row: dict[str, Any] = dict(canary=_pct(share_c), production=_pct(share_p),
+                               limit=f">prod+{100 * max_increase:g} pts",
+                               values={"canary_share": share_c, "production_share": share_p})
     n_c = stats.count(c.requests)
     if not c.tokens and not p.tokens:
         return CheckResult(name, SKIP, "no tokens counted in either variant", **row)
@@ -260,8 +262,8 @@ def tokens_per_request_check(c: VariantSample, p: VariantSample, max_factor: flo
     tpr_p = p.tokens / n_p if n_p else float("nan")
     shown = lambda x: "-" if math.isnan(x) else f"{x:.0f}"  # noqa: E731
     row: dict[str, Any] = dict(canary=shown(tpr_c), production=shown(tpr_p),
-               limit=f"outside {1 / max_factor:g}x..{max_factor:g}x prod",
-               values={"canary": tpr_c, "production": tpr_p})
+                               limit=f"outside {1 / max_factor:g}x..{max_factor:g}x prod",
+                               values={"canary": tpr_c, "production": tpr_p})
     if n_c < minimum:
         return CheckResult(name, INCONCLUSIVE, _too_few(n_c, minimum, "successful canary requests"),
                            **row)
